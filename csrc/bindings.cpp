@@ -1,0 +1,47 @@
+// pybind11 module rankme_fast._C: the only place where Python meets the kernels. Pointers arrive as
+// integers from the Python validation layer (rankme_fast/backends/cpu.py), which checks dtype,
+// device, sizes and buffer shapes before calling; the GIL is released while the kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "rankme/gram.h"
+
+namespace py = pybind11;
+
+static void gram_update(uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t stride_r, int64_t stride_c,
+                        uintptr_t row_shift, uintptr_t col_shift, uintptr_t gram, int64_t ldg, uintptr_t col_sum,
+                        int num_threads, int64_t chunk_rows) {
+  rankme::GramArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.dtype = static_cast<rankme::DType>(dtype);
+  a.rows = rows;
+  a.cols = cols;
+  a.stride_r = stride_r;
+  a.stride_c = stride_c;
+  a.row_shift = reinterpret_cast<const double*>(row_shift);
+  a.col_shift = reinterpret_cast<const double*>(col_shift);
+  a.gram = reinterpret_cast<double*>(gram);
+  a.ldg = ldg;
+  a.col_sum = reinterpret_cast<double*>(col_sum);
+  a.num_threads = num_threads;
+  a.chunk_rows = chunk_rows;
+  rankme::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = rankme::gram_update(a);
+  }
+  if (st == rankme::kOutOfMemory) throw std::bad_alloc();
+  if (st != rankme::kOk) throw std::invalid_argument(std::string("gram_update: ") + rankme::status_string(st));
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "rankme_fast CPU kernels (framework-agnostic; no libtorch)";
+  m.def("gram_update", &gram_update, "G += V^T V over row chunks in float64 (see csrc/include/rankme/gram.h)",
+        py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("stride_r"), py::arg("stride_c"),
+        py::arg("row_shift"), py::arg("col_shift"), py::arg("gram"), py::arg("ldg"), py::arg("col_sum"),
+        py::arg("num_threads"), py::arg("chunk_rows") = 0);
+  m.def("gram_isa", &rankme::gram_isa, "instruction set the Gram kernel dispatches to on this CPU");
+  m.attr("PANEL") = rankme::kPanel;
+}

@@ -1,0 +1,31 @@
+"""rankme_fast: exact, fast singular-value spectra of embedding matrices and the metrics built on them.
+
+>>> import torch, rankme_fast as rf
+>>> z = torch.randn(10_000, 256)
+>>> rf.rankme(z)                      # Garrido et al. 2023, float64-exact
+>>> s = rf.spectrum(z, center=True)   # one decomposition, every metric
+>>> s.collapse_auc(), s.alpha_req()
+
+Importing loads no native code; the C++ kernel is loaded on first use (see ``show_config()``).
+"""
+from ._config import show_config
+from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, stable_rank
+from .spectrum import Spectrum, spectrum
+from .structured import eigenscore, lidar
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Spectrum",
+    "alpha_req",
+    "collapse_auc",
+    "effective_rank",
+    "eigenscore",
+    "lidar",
+    "nesum",
+    "participation_ratio",
+    "rankme",
+    "show_config",
+    "spectrum",
+    "stable_rank",
+]

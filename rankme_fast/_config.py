@@ -1,0 +1,66 @@
+"""show_config(): what was built, what this machine offers, what will be used."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import torch
+
+from . import backends
+
+
+def config() -> dict:
+    info: dict = {
+        "rankme_fast": __import__("rankme_fast").__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        from . import _build_info as b  # noqa: PLC0415
+
+        info["build"] = {
+            "cxx_compiler": b.cxx_compiler,
+            "build_type": b.build_type,
+            "cpu_isa_variants": list(b.cpu_isa_variants),
+            "cuda_option": b.cuda_option,
+            "cuda_built": b.cuda_built,
+            "cuda_compiler_version": b.cuda_compiler_version,
+            "cuda_architectures": b.cuda_architectures,
+        }
+    except ImportError:
+        info["build"] = "no build info (running from a source tree without a compiled build)"
+    mod = backends.cpu.load()
+    info["cpu_extension"] = f"loaded, kernel isa={mod.gram_isa()}" if mod else f"missing ({backends.cpu.load_error()})"
+    if isinstance(info["build"], dict) and info["build"]["cuda_built"]:
+        try:
+            from . import _C_cuda  # noqa: PLC0415
+
+            info["cuda_extension"] = f"loaded, runtime {_C_cuda.runtime_version()}, devices {_C_cuda.device_count()}"
+        except ImportError as exc:
+            info["cuda_extension"] = f"built but not importable ({exc})"
+    else:
+        info["cuda_extension"] = "not built"
+    info["backends"] = backends.describe()
+    env = os.environ.get(backends.ENV_VAR)
+    try:
+        chosen = backends.select(None, torch.device("cpu")).NAME
+    except (RuntimeError, ValueError) as exc:
+        chosen = f"error: {exc}"
+    info["backend_for_cpu_tensors"] = chosen + (f" (from {backends.ENV_VAR}={env})" if env else " (auto)")
+    return info
+
+
+def show_config(file=None) -> None:
+    """Print the build configuration and the backend that will be used for CPU tensors."""
+    out = file or sys.stdout
+    for k, v in config().items():
+        if isinstance(v, dict):
+            print(f"{k}:", file=out)
+            for k2, v2 in v.items():
+                print(f"  {k2}: {v2}", file=out)
+        else:
+            print(f"{k}: {v}", file=out)

@@ -1,0 +1,105 @@
+"""Native CPU backend (``rankme_fast._C``): float64 SYRK with the upcast fused into packing.
+
+This module is the one validation layer between Python and the kernel (STYLE.md 2): it checks
+dtype, device, sizes and buffer layout, then hands raw pointers and element strides to C++.
+The extension is imported on first use only; a failed import is cached and reported.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+NAME = "cpu"
+PANEL = 8
+_DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+_module = None
+_error: Optional[BaseException] = None
+
+
+def load():
+    """Import ``rankme_fast._C`` once; return it or None (the error stays in ``load_error()``)."""
+    global _module, _error
+    if _module is None and _error is None:
+        try:
+            from .. import _C  # noqa: PLC0415 - lazy by design
+            _module = _C
+        except ImportError as exc:
+            _error = exc
+    return _module
+
+
+def load_error() -> Optional[BaseException]:
+    load()
+    return _error
+
+
+def available(device: torch.device):
+    if torch.device(device).type != "cpu":
+        return False, f"the native CPU kernel cannot read {torch.device(device).type} memory"
+    if load() is None:
+        return False, f"extension rankme_fast._C not importable ({_error})"
+    return True, f"isa={_module.gram_isa()}"
+
+
+def padded(n: int) -> int:
+    return (n + PANEL - 1) // PANEL * PANEL
+
+
+def default_threads() -> int:
+    env = os.environ.get("RANKME_FAST_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"RANKME_FAST_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"RANKME_FAST_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    return max(1, torch.get_num_threads())
+
+
+def _vec(t: Optional[torch.Tensor], n: int, what: str) -> int:
+    if t is None:
+        return 0
+    if t.dtype != torch.float64 or t.device.type != "cpu" or t.ndim != 1 or t.shape[0] != n or not t.is_contiguous():
+        raise ValueError(f"{what}: need a contiguous float64 CPU vector of length {n}, got {t.dtype} {tuple(t.shape)}")
+    return t.data_ptr()
+
+
+def gram_update(
+    x: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    col_sum: Optional[torch.Tensor] = None,
+    row_shift: Optional[torch.Tensor] = None,
+    col_shift: Optional[torch.Tensor] = None,
+    num_threads: Optional[int] = None,
+    chunk_rows: int = 0,
+) -> None:
+    """``gram += Vᵀ V`` (upper triangle) for ``x`` of shape (rows, cols), any float dtype and strides.
+
+    ``gram`` must be a contiguous float64 CPU tensor of shape (padded(cols), padded(cols)) whose
+    padding is zero; ``col_sum`` (cols,) receives the column sums of V.
+    """
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"native CPU backend unavailable: {_error}")
+    if x.ndim != 2:
+        raise ValueError(f"gram_update expects a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"native CPU backend got a tensor on {x.device}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"native CPU backend does not support dtype {x.dtype}")
+    rows, cols = x.shape
+    cp = padded(cols)
+    if gram.dtype != torch.float64 or gram.device.type != "cpu" or tuple(gram.shape) != (cp, cp) or not gram.is_contiguous():
+        raise ValueError(f"gram buffer must be contiguous float64 CPU of shape ({cp}, {cp}), got {gram.dtype} {tuple(gram.shape)}")
+    sr, sc = x.stride()
+    mod.gram_update(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, sr, sc,
+        _vec(row_shift, rows, "row_shift"), _vec(col_shift, cols, "col_shift"),
+        gram.data_ptr(), cp, _vec(col_sum, cols, "col_sum"),
+        int(num_threads or default_threads()), int(chunk_rows),
+    )

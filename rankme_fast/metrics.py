@@ -1,0 +1,95 @@
+"""Spectral metrics as pure functions of singular values (DESIGN §2).
+
+All functions take ``sv``: a float64 tensor of singular values σ_1 ≥ … ≥ σ_K ≥ 0 along the last
+dimension (any leading batch dimensions) and return a tensor of the leading shape. Covariance
+eigenvalues are λ_k = σ_k² / (N-1); every metric below that uses λ is invariant to that scale, so
+it works on σ² directly. Whether Z was centred is the caller's business (see ``Spectrum``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+RANKME_EPS = 1e-7
+
+
+def _check_nonzero(sv: torch.Tensor, what: str) -> torch.Tensor:
+    total = sv.sum(-1)
+    if bool((total <= 0).any()):
+        raise ValueError(f"{what} is undefined for an all-zero spectrum (every singular value is 0)")
+    return total
+
+
+def rankme(sv: torch.Tensor, eps: float = RANKME_EPS) -> torch.Tensor:
+    """RankMe = exp(-Σ_k p_k log p_k),  p_k = σ_k / ‖σ‖₁ + ε  (Garrido et al. 2023).
+
+    p is *not* renormalised after adding ε, exactly as in the paper's definition; ε = 0 gives the
+    effective rank of Roy & Vetterli with 0·log 0 = 0.
+    """
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    total = _check_nonzero(sv, "RankMe")
+    p = sv / total.unsqueeze(-1) + eps
+    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+    return torch.exp(-plogp.sum(-1))
+
+
+def effective_rank(sv: torch.Tensor) -> torch.Tensor:
+    """Effective rank = exp(H(σ/‖σ‖₁)) with 0·log 0 = 0 (Roy & Vetterli 2007) = RankMe with ε = 0."""
+    return rankme(sv, eps=0.0)
+
+
+def collapse_auc(sv: torch.Tensor) -> torch.Tensor:
+    """AUC of the normalised cumulative singular values (Li, Efros & Pathak 2022, Eq. 2).
+
+    (1/K) Σ_{k=1..K} Σ_{j≤k} σ_j / Σ_j σ_j  ∈ [(K+1)/(2K), 1]; higher = more collapsed.
+    """
+    total = _check_nonzero(sv, "collapse AUC")
+    return (torch.cumsum(sv, -1) / total.unsqueeze(-1)).mean(-1)
+
+
+def stable_rank(sv: torch.Tensor) -> torch.Tensor:
+    """Stable rank = Σ σ_k² / σ_1²."""
+    _check_nonzero(sv, "stable rank")
+    s2 = sv * sv
+    return s2.sum(-1) / s2.amax(-1)
+
+
+def participation_ratio(sv: torch.Tensor) -> torch.Tensor:
+    """Participation ratio = (Σ λ)² / Σ λ², λ_k ∝ σ_k²."""
+    _check_nonzero(sv, "participation ratio")
+    lam = sv * sv / (sv.amax(-1, keepdim=True) ** 2)  # rescale: σ⁴ overflows long before σ does
+    return lam.sum(-1) ** 2 / (lam * lam).sum(-1)
+
+
+def nesum(sv: torch.Tensor) -> torch.Tensor:
+    """NEsum = Σ λ_i / λ_1 (normalised eigenvalue sum)."""
+    _check_nonzero(sv, "NEsum")
+    lam = sv * sv
+    return lam.sum(-1) / lam.amax(-1)
+
+
+def alpha_req(sv: torch.Tensor, index_range: tuple = (5, 100)) -> torch.Tensor:
+    """α-ReQ (Agrawal et al. 2022): slope α of the least-squares fit log λ_i ≈ c - α log i.
+
+    ``index_range`` = (first, last), 1-based and inclusive, clipped to K. Needs at least two
+    indices and λ_i > 0 on all of them (a zero eigenvalue has no logarithm: raises).
+    """
+    lo, hi = int(index_range[0]), int(index_range[1])
+    if lo < 1 or hi < lo:
+        raise ValueError(f"index_range must be (first, last) with 1 <= first <= last, got {index_range}")
+    k = sv.shape[-1]
+    hi = min(hi, k)
+    if hi - lo + 1 < 2:
+        raise ValueError(f"alpha_req needs at least 2 eigenvalues in the index range {index_range}, but K = {k}")
+    lam = (sv * sv)[..., lo - 1 : hi]
+    if bool((lam <= 0).any()):
+        raise ValueError(
+            f"alpha_req: an eigenvalue in the fit range i={lo}..{hi} is zero (rank-deficient spectrum); "
+            "choose an index_range inside the numerical rank"
+        )
+    x = -torch.log(torch.arange(lo, hi + 1, dtype=torch.float64, device=sv.device))
+    y = torch.log(lam)
+    xc = x - x.mean()
+    return (y * xc).sum(-1) / (xc * xc).sum()
