@@ -65,39 +65,67 @@ void tiles(const double* pack, int64_t kc, int64_t np, int64_t jp0, int64_t jp1,
         int64_t j = js;
         for (; j + NJ <= b1; j += NJ)
           micro<NJ>(ipan + m0, pack + j * pstride, pstride, kc, crow + j * kPanel, ldg);
+        if (NJ >= 3 && j + 2 <= b1) {
+          micro<2>(ipan + m0, pack + j * pstride, pstride, kc, crow + j * kPanel, ldg);
+          j += 2;
+        }
         for (; j < b1; ++j) micro<1>(ipan + m0, pack + j * pstride, pstride, kc, crow + j * kPanel, ldg);
       }
     }
   }
 }
 
+// Eight doubles of one panel row, whatever the register width: the compiler splits it as needed.
+typedef double p8d __attribute__((vector_size(8 * sizeof(double))));
+typedef float p8f __attribute__((vector_size(8 * sizeof(float))));
+typedef uint16_t p8h __attribute__((vector_size(8 * sizeof(uint16_t))));
+typedef uint32_t p8u __attribute__((vector_size(8 * sizeof(uint32_t))));
+
+// Upcast 8 contiguous values to doubles; vectorised for double, float and bfloat16, exact for all.
+static inline p8d load8(const double* s) { p8d v; std::memcpy(&v, s, sizeof v); return v; }
+static inline p8d load8(const float* s) { p8f v; std::memcpy(&v, s, sizeof v); return __builtin_convertvector(v, p8d); }
+static inline p8d load8(const BFloat16* s) {
+  p8h h; std::memcpy(&h, s, sizeof h);
+  const p8u u = __builtin_convertvector(h, p8u) << 16;
+  p8f f; std::memcpy(&f, &u, sizeof f);
+  return __builtin_convertvector(f, p8d);
+}
+static inline p8d load8(const Half* s) {
+  p8d v;
+  for (int c = 0; c < 8; ++c) v[c] = to_double(s[c]);
+  return v;
+}
+
 template <typename T>
-static void pack_t(const GramArgs& a, int64_t r0, int64_t kc, int64_t p0, int64_t p1, double* pack,
+static void pack_t(const GramArgs& a, int64_t r0, int64_t kc, int64_t p0, int64_t p1, double* __restrict pack,
                    double* colsum) {
+  static_assert(kPanel == 8, "pack assumes 8-wide panels");
   const T* x = static_cast<const T*>(a.x);
   const int64_t pstride = kc * kPanel;
   for (int64_t p = p0; p < p1; ++p) {
-    double* dst = pack + p * pstride;
+    double* __restrict dst = pack + p * pstride;
     const int64_t c0 = p * kPanel;
     const int64_t nc = std::min<int64_t>(kPanel, a.cols - c0);
-    double cs[kPanel];
-    double csh[kPanel];
-    for (int c = 0; c < kPanel; ++c) {
-      cs[c] = 0.0;
-      csh[c] = (a.col_shift && c < nc) ? a.col_shift[c0 + c] : 0.0;
-    }
-    for (int64_t r = 0; r < kc; ++r) {
-      const int64_t gr = r0 + r;
-      const T* src = x + gr * a.stride_r + c0 * a.stride_c;
-      const double rsh = a.row_shift ? a.row_shift[gr] : 0.0;
-      double* d = dst + r * kPanel;
-      if (nc == kPanel && a.stride_c == 1) {
-        for (int c = 0; c < kPanel; ++c) d[c] = to_double(src[c]) - rsh - csh[c];
-      } else {
-        for (int c = 0; c < kPanel; ++c)
-          d[c] = c < nc ? to_double(src[c * a.stride_c]) - rsh - csh[c] : 0.0;
+    p8d csh = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (a.col_shift)
+      for (int64_t c = 0; c < nc; ++c) csh[c] = a.col_shift[c0 + c];
+    p8d cs = {0, 0, 0, 0, 0, 0, 0, 0};
+    const T* src = x + r0 * a.stride_r + c0 * a.stride_c;
+    if (nc == kPanel && a.stride_c == 1) {
+      for (int64_t r = 0; r < kc; ++r, src += a.stride_r) {
+        p8d v = load8(src) - csh;
+        if (a.row_shift) v -= a.row_shift[r0 + r];
+        std::memcpy(dst + r * kPanel, &v, sizeof v);
+        cs += v;
       }
-      for (int c = 0; c < kPanel; ++c) cs[c] += d[c];
+    } else {
+      for (int64_t r = 0; r < kc; ++r, src += a.stride_r) {
+        p8d v = {0, 0, 0, 0, 0, 0, 0, 0};
+        const double rsh = a.row_shift ? a.row_shift[r0 + r] : 0.0;
+        for (int64_t c = 0; c < nc; ++c) v[c] = to_double(src[c * a.stride_c]) - rsh - csh[c];
+        std::memcpy(dst + r * kPanel, &v, sizeof v);
+        cs += v;
+      }
     }
     if (colsum)
       for (int64_t c = 0; c < nc; ++c) colsum[c0 + c] += cs[c];
@@ -113,7 +141,7 @@ void pack(const GramArgs& a, int64_t r0, int64_t kc, int64_t p0, int64_t p1, dou
   }
 }
 
-const KernelTable table = {&pack, &tiles};
+extern const KernelTable table = {&pack, &tiles};
 
 }  // namespace RANKME_ISA_NS
 }  // namespace rankme
