@@ -18,7 +18,7 @@ def _demo(args) -> int:
 
     n, d = args.rows, args.dim
     print(f"rankme-fast demo: synthetic float32 embeddings {n} x {d} with known singular values", flush=True)
-    print(f"{'spectrum':<10} {'true RankMe':>12} {'exact':>12} {'rel.err':>9} {'time':>8} "
+    print(f"{'spectrum':<10} {'f64 SVD':>12} {'exact':>12} {'rel.err':>9} {'time':>8} "
           f"{'fp32 Gram':>12} {'rel.err':>9}")
     worst = 0.0
     for kind in ("flat", "power1", "rank8", "rank1"):

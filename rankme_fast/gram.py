@@ -34,7 +34,7 @@ class GramResult:
 def _column_means(x: torch.Tensor) -> torch.Tensor:
     """Exact float64 column means of ``x`` (N×d), converting at most ~32 MiB at a time."""
     n, d = x.shape
-    out = torch.empty(d, dtype=torch.float64)
+    out = torch.empty(d, dtype=torch.float64, device=x.device)
     step = max(1, (1 << 22) // max(n, 1))
     for j in range(0, d, step):
         out[j : j + step] = x[:, j : j + step].to(torch.float64).sum(0)

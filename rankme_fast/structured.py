@@ -29,7 +29,7 @@ def lidar(x: Any, groups: Any, *, delta: float = 1e-4, eps: float = 1e-8) -> flo
     g = _as_groups(groups, z.shape[0])
     if not (delta >= 0 and eps >= 0):
         raise ValueError(f"delta and eps must be >= 0, got delta={delta}, eps={eps}")
-    uniq, inv, counts = torch.unique(g, return_inverse=True, return_counts=True)
+    uniq, inv, counts = torch.unique(g.to(z.device), return_inverse=True, return_counts=True)
     n = uniq.numel()
     m, d = z.shape
     if n < 2:
@@ -37,9 +37,9 @@ def lidar(x: Any, groups: Any, *, delta: float = 1e-4, eps: float = 1e-8) -> flo
     if m == n:
         raise ValueError("lidar needs at least one group with 2 or more views (within-class scatter is empty)")
     z64 = z.to(torch.float64)
-    means = torch.zeros(n, d, dtype=torch.float64).index_add_(0, inv, z64) / counts[:, None].to(torch.float64)
+    means = torch.zeros(n, d, dtype=torch.float64, device=z.device).index_add_(0, inv, z64) / counts[:, None].to(torch.float64)
     dev = z64 - means[inv]
-    sw = dev.T @ dev / (m - n) + delta * torch.eye(d, dtype=torch.float64)
+    sw = dev.T @ dev / (m - n) + delta * torch.eye(d, dtype=torch.float64, device=z.device)
     mc = means - means.mean(0)
     sb = mc.T @ mc / (n - 1)
     w, v = torch.linalg.eigh(sw)
@@ -88,9 +88,9 @@ def eigenscore(x: Any, *, alpha: float = 1e-3):
     if single:
         z = z.unsqueeze(0)
     b, k, d = z.shape
-    out = torch.empty(b, dtype=torch.float64)
+    out = torch.empty(b, dtype=torch.float64, device=z.device)
     step = max(1, (1 << 22) // max(k * d, 1))
-    eye = torch.eye(k, dtype=torch.float64)
+    eye = torch.eye(k, dtype=torch.float64, device=z.device)
     for i in range(0, b, step):
         c = z[i : i + step].to(torch.float64)
         c = c - c.mean(-1, keepdim=True)
