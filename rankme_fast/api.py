@@ -26,14 +26,14 @@ def _spec(x: Any, center: Optional[bool], default_center: bool, method: str, pre
     return spectrum(x, center=c, method=method, precision=precision, backend=backend)
 
 
-def rankme(x: Any, eps: float = _m.RANKME_EPS, *, center: Optional[bool] = False, method: str = "auto",
+def rankme(x: Any, eps: float = _m.RANKME_EPS, *, center: Optional[bool] = None, method: str = "auto",
            precision: str = "exact", backend: Optional[str] = None):
     """RankMe (Garrido et al. 2023): exp(-Σ p_k log p_k), p_k = σ_k/‖σ‖₁ + ε, ε = 1e-7, uncentred.
 
     Args:
         x: embeddings (N, d) / (B, N, d) (tensor, NumPy, DLPack; any float dtype) or a Spectrum.
         eps: ε added to p (0 allowed); p is not renormalised, as in the paper.
-        center: remove the column mean first (default False, as in the paper).
+        center: remove the column mean first (None = the paper's default: no centring).
         method, precision, backend: see :func:`rankme_fast.spectrum`.
     """
     return _spec(x, center, False, method, precision, backend).rankme(eps)

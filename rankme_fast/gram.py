@@ -11,6 +11,7 @@ chunked) and subtracted inside the kernel.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -85,14 +86,20 @@ def fast_gram(x: torch.Tensor, *, center: bool, basis: Optional[torch.Tensor] = 
     b32 = None if basis is None else basis.to(torch.float32)
     step = max(1, (1 << 24) // max(k, 1))
     for r0 in range(0, rows, step):
-        c = v[r0 : r0 + step].to(torch.float32)
+        c = v[r0 : r0 + step]
+        if c.dtype != torch.float64:
+            c = c.to(torch.float32)
         if shift is not None:
-            c = c - (shift[r0 : r0 + step, None] if transposed else shift[None, :]).to(torch.float32)
+            c = c - (shift[r0 : r0 + step, None] if transposed else shift[None, :]).to(c.dtype)
+        # Scale each chunk by a power of two (exact) so float32 squares neither underflow nor overflow.
+        amax = float(c.abs().max()) if c.numel() else 0.0
+        scale = 2.0 ** -math.floor(math.log2(amax)) if amax > 0 and math.isfinite(amax) else 1.0
+        c = (c * scale).to(torch.float32)
         if b32 is not None:
             c = c @ b32
-        g += (c.T @ c).to(torch.float64)
+        g += (c.T @ c).to(torch.float64) / scale / scale
         if center and not transposed:
-            csum += c.sum(0, dtype=torch.float64)
+            csum += c.sum(0, dtype=torch.float64) / scale
     if center and not transposed:
         g -= torch.outer(csum, csum) / n
     return GramResult(g, n, d, transposed, "torch-fp32")

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import backends
 from . import metrics as _m
 from ._inputs import as_tensor, check_all_finite
 from .gram import eigvals_desc, exact_gram, fast_gram
@@ -109,7 +110,9 @@ class Spectrum:
         )
 
 
-def _check(method: str, precision: str) -> None:
+def _check(method: str, precision: str, backend: Optional[str]) -> None:
+    if backend not in (None, "auto") and backend not in backends.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(backends.BACKENDS)} or 'auto'")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if precision not in PRECISIONS:
@@ -192,12 +195,13 @@ def spectrum(
     Raises:
         TypeError / ValueError for invalid input (DESIGN §6), including NaN/Inf (count and first row).
     """
-    _check(method, precision)
+    _check(method, precision, backend)
     t = as_tensor(x, ndim=(2, 3))
     n, d = t.shape[-2], t.shape[-1]
     notes: tuple = ()
     if t.ndim == 3:
         if precision == "fast" or method == "gram":
+            check_all_finite(t)  # report batch item and row before splitting the batch
             svs = []
             for i in range(t.shape[0]):
                 svs.append(spectrum(t[i], center=center, method=method, precision=precision, backend=backend))

@@ -96,6 +96,8 @@ def gram_update(
     cp = padded(cols)
     if gram.dtype != torch.float64 or gram.device.type != "cpu" or tuple(gram.shape) != (cp, cp) or not gram.is_contiguous():
         raise ValueError(f"gram buffer must be contiguous float64 CPU of shape ({cp}, {cp}), got {gram.dtype} {tuple(gram.shape)}")
+    if rows == 0:
+        return
     sr, sc = x.stride()
     mod.gram_update(
         x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, sr, sc,

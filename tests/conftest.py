@@ -1,0 +1,202 @@
+"""Shared fixtures and the independent float64 references for the rankme_fast test suite.
+
+The oracle everywhere is ``torch.linalg.svdvals`` of the float64 copy of the *same* input (after any
+dtype conversion), optionally centred in float64 — never a code path of the package itself.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prefer_installed_package() -> None:
+    """``python -m pytest`` puts the working directory first on sys.path; run from the repository root
+    that would import the *source tree*, which holds no compiled extension, and every native test would
+    silently test nothing. Import the installed package when one exists, the source tree otherwise."""
+    if "rankme_fast" in sys.modules:
+        return
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+    if importlib.util.find_spec("rankme_fast") is None:
+        sys.path[:] = saved
+
+
+_prefer_installed_package()
+
+import torch  # noqa: E402
+
+import rankme_fast  # noqa: E402
+from rankme_fast.demo import SPECTRA, make_embeddings  # noqa: E402
+
+SEED = 20240531
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# Spectra built by rankme_fast.demo plus one built here (a few distinct rows repeated many times).
+GRID_SPECTRA = tuple(SPECTRA) + ("repeated_rows",)
+REPEATED_DISTINCT_ROWS = 5
+
+
+def dtype_id(dt) -> str:
+    return DTYPE_IDS[dt]
+
+
+def shape_id(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# references
+
+
+def ref_sv(x, center: bool = False) -> torch.Tensor:
+    """σ (descending, float64) of x (…, N, d) — the float64 SVD of the input as given, centred in
+    float64 over the rows when asked. Accepts torch tensors and NumPy arrays."""
+    t = torch.as_tensor(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    z = t.detach().to(torch.float64)
+    if center:
+        z = z - z.mean(-2, keepdim=True)
+    return torch.linalg.svdvals(z)
+
+
+def np_rankme(sv, eps: float = 1e-7) -> float:
+    """RankMe from DESIGN §2, in NumPy float64: exp(-Σ p log p), p = σ/‖σ‖₁ + ε, 0·log 0 = 0."""
+    s = np.asarray(sv, dtype=np.float64)
+    p = s / s.sum() + eps
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def rel_err(got, want) -> float:
+    got = float(got)
+    want = float(want)
+    return abs(got - want) / abs(want)
+
+
+def sv_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max_k |σ_k - σ_k^ref| / σ_1^ref."""
+    assert got.shape == want.shape, (tuple(got.shape), tuple(want.shape))
+    return float((got.to(torch.float64) - want).abs().max() / want.max())
+
+
+# ----------------------------------------------------------------------------------------------
+# matrices with known spectra
+
+
+def repeated_rows(n: int, d: int, *, distinct: int = REPEATED_DISTINCT_ROWS, seed: int = SEED,
+                  dtype=torch.float64, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+    """N×d matrix made of ``distinct`` random rows, each repeated (in a shuffled order) ~N/distinct
+    times: rank ≤ distinct, exactly — a collapsed embedding the way a degenerate encoder produces it."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(distinct, d, generator=g, dtype=torch.float64)
+    idx = torch.arange(n) % distinct
+    idx = idx[torch.randperm(n, generator=g)]
+    z = base[idx] * scale
+    if offset:
+        z = z + offset
+    return z.to(dtype)
+
+
+def build(kind: str, n: int, d: int, *, dtype=torch.float64, seed: int = SEED, scale: float = 1.0,
+          offset: float = 0.0) -> torch.Tensor:
+    if kind == "repeated_rows":
+        return repeated_rows(n, d, seed=seed, dtype=dtype, scale=scale, offset=offset)
+    return make_embeddings(n, d, kind, dtype=dtype, seed=seed, scale=scale, offset=offset)
+
+
+class MatrixCache:
+    """Builds each (kind, shape, dtype, scale, offset) matrix once per session, with its reference σ."""
+
+    def __init__(self):
+        self._z: dict = {}
+        self._ref: dict = {}
+
+    def get(self, kind: str, shape, dtype=torch.float64, *, scale: float = 1.0, offset: float = 0.0,
+            seed: int = SEED) -> torch.Tensor:
+        key = (kind, tuple(shape), dtype, scale, offset, seed)
+        if key not in self._z:
+            if dtype == torch.float64:
+                self._z[key] = build(kind, *shape, dtype=torch.float64, seed=seed, scale=scale, offset=offset)
+            else:
+                self._z[key] = self.get(kind, shape, torch.float64, scale=scale, offset=offset, seed=seed).to(dtype)
+        return self._z[key]
+
+    def ref(self, kind: str, shape, dtype=torch.float64, *, center: bool = False, **kw) -> torch.Tensor:
+        key = (kind, tuple(shape), dtype, center, tuple(sorted(kw.items())))
+        if key not in self._ref:
+            self._ref[key] = ref_sv(self.get(kind, shape, dtype, **kw), center=center)
+        return self._ref[key]
+
+
+@pytest.fixture(scope="session")
+def matrices() -> MatrixCache:
+    return MatrixCache()
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(SEED)
+    np.random.seed(SEED % (2**32))
+    yield
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(SEED)
+
+
+@pytest.fixture
+def torch_gen() -> torch.Generator:
+    return torch.Generator().manual_seed(SEED)
+
+
+# ----------------------------------------------------------------------------------------------
+# native extension / subprocesses
+
+
+def native_module():
+    return rankme_fast.backends.cpu.load()
+
+
+def require_native():
+    """Skip (with the reason) when the compiled extension is missing — unless CI demands it."""
+    if native_module() is None:
+        if os.environ.get("RANKME_FAST_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"RANKME_FAST_REQUIRE_NATIVE=1 but rankme_fast._C did not load: "
+                        f"{rankme_fast.backends.cpu.load_error()}")
+        pytest.skip(f"native extension rankme_fast._C not built/importable: {rankme_fast.backends.cpu.load_error()}")
+
+
+BACKENDS = ("cpu", "torch")
+
+
+def backend_or_skip(name: str) -> str:
+    if name == "cpu":
+        require_native()
+    return name
+
+
+def run_python(code: str, tmp_path, env_extra: dict | None = None, timeout: float = 180,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter that imports the *same* rankme_fast as this process
+    (cwd is a temporary directory, so the source tree cannot shadow the installed package)."""
+    env = dict(os.environ)
+    pkg_parent = str(Path(rankme_fast.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for k in ("RANKME_FAST_BACKEND", "RANKME_FAST_DISABLE_AVX512"):
+        env.pop(k, None)
+    if env_extra:
+        env.update(env_extra)
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert res.returncode == 0, f"subprocess failed (rc={res.returncode}):\nSTDOUT:\n{res.stdout}\nSTDERR:\n{res.stderr}"
+    return res
