@@ -208,7 +208,7 @@ def spectrum(
             sv = torch.stack([s.singular_values for s in svs])
             first = svs[0]
             return Spectrum(sv, n, d, center, first.method, first.backend, precision, first.exact,
-                            max(s.rankme_rtol for s in svs), tuple(n for s in svs for n in s.notes))
+                            max(s.rankme_rtol for s in svs), tuple(note for s in svs for note in s.notes))
         check_all_finite(t)
         sv = _batched_svd(t, center)
         used, be = "svd", "torch"

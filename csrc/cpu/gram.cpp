@@ -105,7 +105,7 @@ struct AlignedBuf {
 // longer chunks cut that traffic (at d=2048 a 128-row chunk moves 50 GB of G for 200k rows, a 512-row
 // one 12.5 GB; measured 2-thread min/median 117/89 -> 133/94 GFLOP/s). 512 rows keep an i-panel
 // (512 x 8 doubles = 32 KiB) inside L1, and the packed chunk costs 512 x d x 8 bytes.
-int64_t choose_chunk(int64_t /*cols_p*/) { return 512; }
+constexpr int64_t kChunkRows = 512;
 
 // Partition of j-panels [0, np) into t ranges of equal upper-triangle area (panel j has j+1 tiles).
 std::vector<int64_t> triangle_split(int64_t np, int t) {
@@ -132,7 +132,7 @@ Status gram_update(const GramArgs& a) {
   if (static_cast<int>(a.dtype) < 0 || static_cast<int>(a.dtype) > 3) return kUnsupportedDtype;
   const KernelTable& k = kernels();
   const int64_t np = cols_p / kPanel;
-  const int64_t kc = a.chunk_rows > 0 ? a.chunk_rows : choose_chunk(cols_p);
+  const int64_t kc = a.chunk_rows > 0 ? a.chunk_rows : kChunkRows;
   const int64_t nchunks = (a.rows + kc - 1) / kc;
   int nt = std::max(1, a.num_threads);
   nt = static_cast<int>(std::min<int64_t>(nt, nchunks * np));  // no idle threads on tiny input
