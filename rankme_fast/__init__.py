@@ -5,10 +5,14 @@
 >>> rf.rankme(z)                      # Garrido et al. 2023, float64-exact
 >>> s = rf.spectrum(z, center=True)   # one decomposition, every metric
 >>> s.collapse_auc(), s.alpha_req()
+>>> rf.score("shards/", metrics="rankme,collapse_auc")   # files larger than RAM, streamed
+>>> acc = rf.GramAccumulator(); acc.update(batch); acc.all_reduce(); acc.rankme()
 
 Importing loads no native code; the C++ kernel is loaded on first use (see ``show_config()``).
 """
 from ._config import show_config
+from .gram import GramAccumulator
+from .score import ScoreResult, score
 from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, stable_rank
 from .spectrum import Spectrum, spectrum
 from .structured import eigenscore, lidar
@@ -16,6 +20,8 @@ from .structured import eigenscore, lidar
 __version__ = "0.1.0"
 
 __all__ = [
+    "GramAccumulator",
+    "ScoreResult",
     "Spectrum",
     "alpha_req",
     "collapse_auc",
@@ -25,6 +31,7 @@ __all__ = [
     "nesum",
     "participation_ratio",
     "rankme",
+    "score",
     "show_config",
     "spectrum",
     "stable_rank",

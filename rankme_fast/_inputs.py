@@ -75,10 +75,11 @@ def as_tensor(x: Any, *, ndim: tuple[int, ...] = (2,), name: str = "x", check_fi
     return t
 
 
-def check_all_finite(t: torch.Tensor, *, name: str = "x") -> None:
+def check_all_finite(t: torch.Tensor, *, name: str = "x", row_offset: int = 0) -> None:
     """Raise ``ValueError`` saying how many non-finite values ``t`` holds and in which row the first one is.
 
-    Scans in row blocks so no full-size mask is ever allocated.
+    Scans in row blocks so no full-size mask is ever allocated. ``row_offset`` is added to reported row
+    numbers (the position of ``t`` inside a larger stream).
     """
     if t.ndim == 1:
         t = t.unsqueeze(1)
@@ -98,7 +99,7 @@ def check_all_finite(t: torch.Tensor, *, name: str = "x") -> None:
                 row = int(bad.any(dim=1).nonzero()[0, 0]) + r0
                 first = row
     if n_bad:
-        where = f"first in row {first}"
+        where = f"first in row {first + row_offset}"
         if t.ndim == 3:
             where = f"first in batch item {first // t.shape[1]}, row {first % t.shape[1]}"
         raise ValueError(

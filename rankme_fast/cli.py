@@ -1,6 +1,12 @@
-"""``rankme-fast`` command line: ``demo`` and ``info`` (``score`` arrives with streaming, issue 3).
+"""``rankme-fast`` command line.
 
-Exit codes: 0 ok, 2 bad usage or bad input (one line on stderr).
+``score PATH...``  metrics of embedding files (each PATH — a file, a shard directory or a quoted glob —
+                   is one matrix), streamed with O(d²) memory; a table, or one JSON object per PATH per
+                   line with ``--json``.
+``info``           build configuration and backends (= ``rankme_fast.show_config()``).
+``demo``           synthetic embeddings with known spectra: exact vs true RankMe.
+
+Exit codes: 0 ok, 2 bad usage or bad input (one line on stderr), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -41,6 +47,58 @@ def _demo(args) -> int:
     return 0 if worst <= 1e-4 else 1
 
 
+def _fmt(v: float) -> str:
+    return f"{v:.6f}" if abs(v) < 1e6 else f"{v:.6g}"
+
+
+def _score(args) -> int:
+    import json
+
+    from rankme_fast.score import METRICS, parse_metrics, score
+
+    names = parse_metrics(args.metrics)
+    center = True if args.center else (False if args.no_center else None)
+    progress = False if args.quiet else None
+    want = {m: (METRICS[m] if center is None else center) for m in names}
+    heads = ["path", "rows", "d", "dtype"] + [m + ("(c)" if center is None and want[m] else "") for m in names]
+    widths = [max(4, *(len(p) for p in args.paths)), 10, 6, 8] + [max(12, len(h)) for h in heads[4:]]
+    if not args.json:
+        print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))
+              + "  " + "time".rjust(8), flush=True)
+    for path in args.paths:  # one row as soon as each PATH is done
+        res = score(path, names, center=center, eps=args.eps, key=args.key, chunk_rows=args.chunk_rows,
+                    max_rows=args.max_rows, progress=progress)
+        if args.json:
+            print(json.dumps(res.as_dict()), flush=True)
+            continue
+        cells = [path, str(res.n_rows), str(res.n_features), res.dtype] + [_fmt(res.metrics[m]) for m in names]
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+              + "  " + f"{res.seconds:.2f}s".rjust(8), flush=True)
+    if not args.json and center is None and any(want.values()):
+        print("(c) = centred spectrum, the metric's reference convention; --center / --no-center force one")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _eps(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and v < 1):
+        raise argparse.ArgumentTypeError(f"eps must be in [0, 1), got {text!r}")
+    return v
+
+
 def _info(args) -> int:
     import rankme_fast
 
@@ -48,9 +106,33 @@ def _info(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors: one line on stderr and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="rankme-fast", description="Exact RankMe and spectral metrics of embeddings")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="rankme-fast", description="Exact RankMe and spectral metrics of embeddings")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sc = sub.add_parser("score", help="metrics of embedding files (.npy, .safetensors, .pt, .h5, .zarr, shard dirs)",
+                        description="Stream each PATH (a file, a directory of shards, or a quoted glob) "
+                                    "through a float64 Gram accumulator and print its metrics.")
+    sc.add_argument("paths", nargs="+", metavar="PATH")
+    sc.add_argument("--metrics", default="rankme",
+                    help="comma-separated: rankme, effective_rank, stable_rank, collapse_auc, alpha_req, "
+                         "participation_ratio, nesum, or 'all' (default: rankme)")
+    cg = sc.add_mutually_exclusive_group()
+    cg.add_argument("--center", action="store_true", help="centre the embeddings for every metric")
+    cg.add_argument("--no-center", action="store_true", help="no centring for any metric")
+    sc.add_argument("--eps", type=_eps, default=1e-7, help="RankMe epsilon (default 1e-7)")
+    sc.add_argument("--key", default=None, help="tensor/dataset name inside multi-tensor files")
+    sc.add_argument("--json", action="store_true", help="one JSON object per PATH per line")
+    sc.add_argument("--chunk-rows", type=_positive_int, default=None, help="rows per read (default ~32 MiB)")
+    sc.add_argument("--max-rows", type=_positive_int, default=None, help="use only the first N rows of each PATH")
+    sc.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    sc.set_defaults(fn=_score)
     d = sub.add_parser("demo", help="score built-in synthetic embeddings with known spectra")
     d.add_argument("--rows", type=int, default=20_000)
     d.add_argument("--dim", type=int, default=256)
@@ -66,8 +148,12 @@ def main(argv=None) -> int:
             raise ValueError("--rows and --dim must be positive")
         return args.fn(args)
     except (ValueError, TypeError) as exc:
-        print(f"rankme-fast: error: {exc}", file=sys.stderr)
+        msg = " ".join(str(exc).split())  # one line
+        print(f"rankme-fast: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("rankme-fast: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
