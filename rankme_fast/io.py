@@ -72,6 +72,9 @@ class Reader:
     def read(self, r0: int, r1: int) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def done(self, r0: int, r1: int) -> None:
+        """Called once the consumer has finished with the chunk of rows [r0, r1)."""
+
     def close(self) -> None:
         pass
 
@@ -107,16 +110,24 @@ class _MappedReader(Reader):
             raise ValueError(f"{self.path}: truncated: header promises {self.n_rows} x {self.n_features} "
                              f"{np_dtype} ({need} bytes from offset {offset}) but the file has {file_size} bytes")
         self._offset = offset
+        self._zero_copy = not fortran and np_dtype.byteorder in ("=", "|", "<" if np.little_endian else ">")
         self._mm = None
         self._arr = None
         if need:
-            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            # ACCESS_COPY (MAP_PRIVATE) gives a writable view that torch.from_numpy accepts without a
+            # warning; nothing is ever written, so the pages stay shared with the page cache.
+            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
             self._arr = np.ndarray((self.n_rows, self.n_features), dtype=np_dtype, buffer=self._mm,
                                    offset=offset, order="F" if fortran else "C")
+            if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+                self._mm.madvise(mmap.MADV_SEQUENTIAL)  # larger readahead on page faults
 
-    def _release(self, r0: int, r1: int) -> None:
-        """Drop the mapped pages of rows [r0, r1) from this process (they stay in the page cache)."""
-        if self._mm is None or not hasattr(self._mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+    def _advise(self, advice_name: str, r0: int, r1: int) -> None:
+        """madvise the mapped pages of rows [r0, r1): MADV_WILLNEED starts asynchronous reads of the
+        whole chunk; MADV_DONTNEED drops consumed pages from this process (they stay in the page
+        cache), which keeps resident memory independent of the file size."""
+        advice = getattr(mmap, advice_name, None)
+        if self._mm is None or advice is None or not hasattr(self._mm, "madvise"):
             return
         isz = self._np_dtype.itemsize
         if self._fortran:
@@ -128,14 +139,27 @@ class _MappedReader(Reader):
             a = a // PAGE * PAGE
             b = min(-(-b // PAGE) * PAGE, len(self._mm))
             if b > a:
-                self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+                self._mm.madvise(advice, a, b - a)
 
     def read(self, r0: int, r1: int) -> torch.Tensor:
-        out = np.empty((r1 - r0, self.n_features), dtype=self._np_dtype.newbyteorder("="))
-        out[...] = self._arr[r0:r1]  # page faults (disk reads) happen here, in the prefetch thread
-        self._release(r0, r1)
-        t = torch.from_numpy(out)
+        if self._zero_copy:
+            # The Gram kernel reads the mapping directly; this (prefetch) thread only makes sure the
+            # pages are resident, so the kernel never waits for the disk and no copy is made.
+            self._advise("MADV_WILLNEED", r0, r1)
+            row_bytes = self.n_features * self._np_dtype.itemsize
+            a = self._offset + r0 * row_bytes
+            np.frombuffer(self._mm, dtype=np.uint8, count=(r1 - r0) * row_bytes, offset=a)[::PAGE].max()
+            t = torch.from_numpy(self._arr[r0:r1])
+        else:  # Fortran order or foreign byte order: copy (and convert) here, in the prefetch thread
+            out = np.empty((r1 - r0, self.n_features), dtype=self._np_dtype.newbyteorder("="))
+            out[...] = self._arr[r0:r1]
+            self._advise("MADV_DONTNEED", r0, r1)
+            t = torch.from_numpy(out)
         return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
+
+    def done(self, r0: int, r1: int) -> None:
+        if self._zero_copy:
+            self._advise("MADV_DONTNEED", r0, r1)
 
     def close(self) -> None:
         self._arr = None
@@ -489,7 +513,12 @@ def iter_chunks(readers: Sequence[Reader], chunk_rows: int, max_rows: Optional[i
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            r, r0, t = item
+            n = t.shape[0]
+            del item
+            yield r, r0, t
+            del t
+            r.done(r0, r0 + n)
     finally:
         stop.set()
         th.join()

@@ -123,6 +123,7 @@ def accumulate(source: Source, *, key: Optional[str] = None, chunk_rows: Optiona
                     raise ValueError(f"{r.path}: rows {r0}..{r0 + t.shape[0]}: {exc}") from None
                 if bar is not None:
                     bar.update(t.shape[0])
+                del t  # chunks may be views of a file mapping, closed below
         finally:
             if bar is not None:
                 bar.close()
