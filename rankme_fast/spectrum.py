@@ -20,6 +20,7 @@ RuntimeWarning says so. Documented bound: RankMe within 1e-2 relative (see ``FAS
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -186,7 +187,8 @@ def spectrum(
 
     Args:
         x: embeddings ``(N, d)`` or a batch ``(B, N, d)``: torch tensor (any strides), NumPy array or
-            any ``__dlpack__`` object; float64/32/16 or bfloat16.
+            any ``__dlpack__`` object; float64/32/16 or bfloat16. Or a path (file, shard directory,
+            glob; see :func:`rankme_fast.score`), streamed with O(d²) memory.
         center: subtract the column mean first (per batch item for 3-D input).
         method: "auto" | "svd" | "gram" (see module docstring).
         precision: "exact" | "fast".
@@ -196,6 +198,14 @@ def spectrum(
         TypeError / ValueError for invalid input (DESIGN §6), including NaN/Inf (count and first row).
     """
     _check(method, precision, backend)
+    if isinstance(x, (str, os.PathLike)):
+        if method not in ("auto", "gram") or precision != "exact":
+            raise ValueError("a path is streamed through the exact Gram accumulator: use method='auto' or 'gram' "
+                             f"and precision='exact' (got method={method!r}, precision={precision!r})")
+        from .score import accumulate
+
+        acc, _ = accumulate(x, backend=backend, progress=False)
+        return acc.spectrum(center)
     t = as_tensor(x, ndim=(2, 3))
     n, d = t.shape[-2], t.shape[-1]
     notes: tuple = ()

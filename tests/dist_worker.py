@@ -67,7 +67,6 @@ def main() -> int:
             "gram_centred": acc.gram(center=True),
             "mean": acc.mean(),
         }
-        # the reduced accumulator keeps working: another rank-local update after the reduction
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         return 0
     except Exception as exc:  # noqa: BLE001 - reported to the test, then the process fails

@@ -1,0 +1,208 @@
+"""GramAccumulator.all_reduce over torch.distributed (DESIGN §5), with two real gloo processes on CPU.
+
+Each rank (tests/dist_worker.py) accumulates its own shard of a seeded matrix in batches and calls
+``acc.all_reduce()``; both ranks must then hold the state of the whole matrix: every σ_k within 1e-9·σ_1
+and RankMe within 1e-9 of a single-process GramAccumulator over all rows, and within the DESIGN §3
+contract of the float64 SVD of the concatenated rows. A rank with a different d must make *both*
+processes fail with a message naming that rank and both d values — never hang.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import rankme_fast
+from rankme_fast.demo import make_embeddings
+from rankme_fast.gram import GramAccumulator
+from rankme_fast.spectrum import EXACT_RANKME_RTOL
+from tests.conftest import np_rankme, ref_sv, rel_err, sv_err
+
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+_ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+TIMEOUT = 120  # seconds for the whole group; a hang fails the test instead of blocking the suite
+TOL = 1e-9  # distributed vs single process, relative to σ_1 (σ) / relative (RankMe)
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, port: int) -> dict:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+               WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
+    for k in ("RANKME_FAST_BACKEND", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    pkg_parent = Path(rankme_fast.__file__).resolve().parents[1]
+    if pkg_parent == _ROOT:  # no installed package: this process itself runs the source tree
+        env["PYTHONPATH"] = str(pkg_parent) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _launch_once(cfg: dict, out: Path):
+    port = _free_port()
+    logs, procs = [], []
+    try:
+        for r in range(WORLD):
+            log = open(out / f"rank{r}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(cfg), str(out)],
+                                          cwd=str(out), env=_env(r, port), stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                for q in procs:
+                    q.wait()
+                text = "\n".join(f"--- rank {r}:\n{(out / f'rank{r}.log').read_text()}" for r in range(WORLD))
+                pytest.fail(f"distributed workers hung (no exit within {TIMEOUT} s):\n{text}")
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+        for log in logs:
+            log.close()
+    return [p.returncode for p in procs], [(out / f"rank{r}.log").read_text() for r in range(WORLD)]
+
+
+def launch(cfg: dict, tmp_path: Path):
+    """Run WORLD workers on ``cfg``; return (return codes, logs, out dir). Retries on a port clash."""
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        out.mkdir()
+        codes, logs = _launch_once(cfg, out)
+        if not any("address already in use" in log.lower() for log in logs):
+            return codes, logs, out
+    return codes, logs, out
+
+
+def full_matrix(cfg: dict) -> torch.Tensor:
+    dtype = getattr(torch, cfg.get("dtype", "float64"))
+    return make_embeddings(cfg["n"], cfg["d"], cfg["kind"], dtype=torch.float64, seed=cfg["seed"],
+                           offset=cfg.get("offset", 0.0)).to(dtype)
+
+
+def rankme_tol(ref: torch.Tensor) -> float:
+    return 1e-6 if float(ref.min()) >= 1e-3 * float(ref.max()) else EXACT_RANKME_RTOL
+
+
+# rows of the concatenated matrix per rank: uneven, one rank with no rows (and never an update), one rank
+# with only an empty (0, d) batch.
+CASES = {
+    "uneven_f64": dict(kind="power1", n=3001, d=40, seed=5, offset=4.0, dtype="float64", splits=[1234, 1767],
+                       batch=300),
+    "rank0_no_rows_f32": dict(kind="flat", n=2000, d=24, seed=6, offset=-3.0, dtype="float32", splits=[0, 2000],
+                              batch=333),
+    "rank1_empty_batch_torch_backend": dict(kind="power1", n=1500, d=33, seed=7, offset=1.0, dtype="float64",
+                                            splits=[1500, 0], batch=128, empty_batch_ranks=[1], backend="torch"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_all_reduce_matches_single_process(tmp_path, case):
+    cfg = CASES[case]
+    codes, logs, out = launch(cfg, tmp_path)
+    assert codes == [0] * WORLD, "worker failed:\n" + "\n".join(f"--- rank {r}:\n{t}" for r, t in enumerate(logs))
+    results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    z = full_matrix(cfg)
+    assert sum(cfg["splits"]) == z.shape[0]
+    single = GramAccumulator(backend=cfg.get("backend"))
+    for r0 in range(0, z.shape[0], cfg["batch"]):
+        single.update(z[r0 : r0 + cfg["batch"]])
+    z64 = z.to(torch.float64)
+    want_batches = sum(math.ceil(s / cfg["batch"]) for s in cfg["splits"]) + len(cfg.get("empty_batch_ranks", []))
+
+    for r, res in enumerate(results):
+        what = f"{case}/rank {r}"
+        assert Path(res["package"]).resolve() == Path(rankme_fast.__file__).resolve(), \
+            f"{what}: worker imported {res['package']}, the tests import {rankme_fast.__file__}"
+        assert res["same_object"] is True, f"{what}: all_reduce did not return the accumulator itself"
+        assert res["local"]["n_rows"] == cfg["splits"][r], what
+        assert (res["n_rows"], res["n_features"], res["n_batches"]) == (z.shape[0], cfg["d"], want_batches), what
+        for center, key in ((False, "raw"), (True, "centred")):
+            sv = res[f"sv_{key}"]
+            ref = ref_sv(z, center)
+            s1 = single.spectrum(center).singular_values
+            assert sv.dtype == torch.float64 and sv.shape == ref.shape == s1.shape, what
+            e1 = sv_err(sv, s1)
+            assert e1 <= TOL, f"{what} {key}: σ vs single process {e1:.3e} > {TOL:g}"
+            r1 = rel_err(res[f"rankme_{key}"], single.rankme(center=center))
+            assert r1 <= TOL, f"{what} {key}: RankMe vs single process {r1:.3e} > {TOL:g}"
+            e = sv_err(sv, ref)
+            assert e <= 1e-6, f"{what} {key}: σ vs float64 SVD {e:.3e}"
+            want = np_rankme(ref.numpy())
+            assert rel_err(res[f"rankme_{key}"], want) <= rankme_tol(ref), f"{what} {key}: RankMe vs float64 SVD"
+            v = z64 - z64.mean(0) if center else z64
+            g_ref = v.T @ v
+            eg = float((res[f"gram_{key}"] - g_ref).abs().max() / g_ref.abs().max())
+            assert eg <= 1e-12, f"{what} {key}: Gram vs float64 ZᵀZ {eg:.3e}"
+        em = float((res["mean"] - z64.mean(0)).abs().max())
+        assert em <= 1e-13 * (1.0 + abs(cfg["offset"])), f"{what}: mean error {em:.3e}"
+
+    # both ranks hold the same global state
+    a, b = results
+    for key in ("sv_raw", "sv_centred"):
+        assert sv_err(a[key], b[key]) <= 1e-12, f"{case}: ranks disagree on {key}"
+    for key in ("rankme_raw", "rankme_centred"):
+        assert rel_err(a[key], b[key]) <= 1e-12, f"{case}: ranks disagree on {key}"
+
+
+def test_feature_mismatch_fails_on_every_rank(tmp_path):
+    cfg = dict(kind="power1", n=200, d=32, seed=8, offset=0.0, dtype="float32", splits=[120, 80], batch=50,
+               d_of_rank={"1": 48})
+    codes, logs, out = launch(cfg, tmp_path)
+    for r in range(WORLD):
+        what = f"rank {r} (rc={codes[r]}):\n{logs[r]}"
+        assert codes[r] == 3, f"expected the worker to fail with the ValueError: {what}"
+        err = json.loads((out / f"rank{r}.error.json").read_text())
+        assert err["type"] == "ValueError", what
+        msg = err["message"]
+        assert "feature dimension differs across ranks" in msg, msg
+        assert re.search(r"rank 0: d=32\b", msg) and re.search(r"rank 1: d=48\b", msg), msg
+        assert re.search(r"\brank 1 differs from d=32\b", msg), msg
+        assert not (out / f"rank{r}.pt").exists()
+        assert "ValueError" in logs[r] and "rank 1: d=48" in logs[r], what
+
+
+def test_no_rows_on_any_rank_fails_on_every_rank(tmp_path):
+    cfg = dict(kind="flat", n=10, d=8, seed=9, offset=0.0, dtype="float64", splits=[0, 0], batch=4,
+               empty_batch_ranks=[0])
+    codes, logs, out = launch(cfg, tmp_path)
+    for r in range(WORLD):
+        assert codes[r] == 3, f"rank {r} (rc={codes[r]}):\n{logs[r]}"
+        err = json.loads((out / f"rank{r}.error.json").read_text())
+        assert err == {"type": "ValueError", "message": "GramAccumulator.all_reduce: no rank has accumulated any rows"}
+
+
+@pytest.mark.parametrize("state", ("with_rows", "empty"))
+def test_all_reduce_without_process_group_raises(state):
+    assert not torch.distributed.is_initialized()
+    acc = GramAccumulator()
+    if state == "with_rows":
+        acc.update(torch.randn(10, 4, dtype=torch.float64))
+    g = acc.gram(center=True).clone() if acc.n_rows else None
+    with pytest.raises(RuntimeError, match=r"torch.distributed is not initialised; call "
+                                           r"torch.distributed.init_process_group\(\) first"):
+        acc.all_reduce()
+    if g is not None:  # the failed call changed nothing
+        assert acc.n_rows == 10 and torch.equal(acc.gram(center=True), g)
