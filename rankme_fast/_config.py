@@ -45,6 +45,19 @@ def config() -> dict:
     else:
         info["cuda_extension"] = "not built"
     info["backends"] = backends.describe()
+    import importlib.util
+
+    def _opt(mod: str, note: str) -> str:
+        return ("available" if importlib.util.find_spec(mod) else "not installed") + f" ({note})"
+
+    info["file_formats"] = {
+        ".npy": "built in (memory-mapped)",
+        ".safetensors": "built in (header parsed by rankme_fast; bfloat16 supported)",
+        ".pt/.pth": "built in (torch.load weights_only=True)",
+        ".h5/.hdf5": _opt("h5py", "pip install 'rankme_fast[hdf5]'"),
+        ".zarr": _opt("zarr", "pip install 'rankme_fast[zarr]'"),
+        "progress bar": _opt("tqdm", "shown on stderr when it is a terminal"),
+    }
     env = os.environ.get(backends.ENV_VAR)
     try:
         chosen = backends.select(None, torch.device("cpu")).NAME

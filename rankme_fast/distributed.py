@@ -53,18 +53,25 @@ def all_reduce_accumulator(acc, group=None):
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
+        acc._ensure_ok()
         raise RuntimeError("GramAccumulator.all_reduce: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group() first (e.g. under torchrun)")
     world = dist.get_world_size(group)
     local_dev = acc.device if acc.device is not None else torch.device("cpu")
     dev = _comm_device(group, local_dev)
 
-    meta = torch.tensor([acc.n_features if acc.n_features is not None else -1, acc.n_rows, acc.n_batches],
-                        dtype=torch.int64, device=dev)
+    broken = acc._broken is not None
+    meta = torch.tensor([acc.n_features if acc.n_features is not None else -1, acc.n_rows, acc.n_batches,
+                         int(broken)], dtype=torch.int64, device=dev)
     gathered = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(gathered, meta, group=group)
     ds = [int(g[0]) for g in gathered]
     ns = [int(g[1]) for g in gathered]
+    bad = [r for r, g in enumerate(gathered) if int(g[3])]
+    if bad:  # raised on every rank, so none is left waiting in the next collective
+        why = f" ({acc._broken})" if broken else ""
+        raise RuntimeError(f"GramAccumulator.all_reduce: the accumulator of rank{'s' if len(bad) > 1 else ''} "
+                           f"{', '.join(map(str, bad))} is unusable after an earlier error{why}")
     known = {d for d in ds if d >= 0}
     if len(known) > 1:
         raise ValueError(_describe_mismatch(ds))

@@ -282,6 +282,7 @@ class GramAccumulator:
         if other._d is not None and self._d is not None and other._d != self._d:
             raise ValueError(f"merge: the other accumulator has d={other._d}, this one d={self._d}")
         if other.n_rows == 0:
+            self.n_batches += other.n_batches
             return self
         dev = self._device if self._device is not None else other._device
         nb, mub, mb = other._centered_parts()
@@ -306,8 +307,7 @@ class GramAccumulator:
         all_reduce sums the Chan-corrected scatter matrices — embeddings never leave their rank."""
         from .distributed import all_reduce_accumulator
 
-        self._ensure_ok()
-        return all_reduce_accumulator(self, group)
+        return all_reduce_accumulator(self, group)  # a broken accumulator is reported on every rank
 
     # -- results ------------------------------------------------------------------------------
     def _need_rows(self) -> None:
@@ -328,7 +328,7 @@ class GramAccumulator:
         if center:
             return g - torch.outer(c, c) / n
         sc = torch.outer(s, c)
-        return g + sc + sc.T + torch.outer(s, s) * n
+        return g + (sc + sc.T) + torch.outer(s, s) * n  # every term exactly symmetric
 
     def spectrum(self, center: bool = False):
         """:class:`~rankme_fast.Spectrum` of the accumulated rows (K = min(n, d) singular values)."""
@@ -378,6 +378,10 @@ class GramAccumulator:
         has = [k for k in ("shift", "col_sum", "gram") if k in state]
         if n > 0 and (d is None or len(has) < 3):
             raise ValueError("state with rows must hold n_features, shift, col_sum and gram")
+        if 0 < len(has) < 3:
+            raise ValueError(f"state holds {has} but not all of shift, col_sum and gram")
+        if has and d is None:
+            raise ValueError("state holds tensors but n_features is None")
         tensors = {}
         for key, shape in (("shift", (d,)), ("col_sum", (d,)), ("gram", (d, d))):
             if key not in state:

@@ -3,7 +3,8 @@
 Usage: python dist_worker.py CONFIG_JSON OUT_DIR — with MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE set.
 
 CONFIG_JSON: {"kind", "n", "d", "seed", "offset", "dtype", "splits": [rows of rank 0, rows of rank 1, ...],
-"batch": rows per update, "empty_batch_ranks": ranks that feed one (0, d) batch, "d_of_rank": {rank: d}}.
+"batch": rows per update, "empty_batch_ranks": ranks that feed one (0, d) batch, "d_of_rank": {rank: d},
+"nan_ranks": ranks that feed (and catch the error of) a batch holding a NaN before their shard}.
 The full matrix is ``make_embeddings(n, d, kind, seed, offset)`` in float64, converted to ``dtype``;
 rank r takes the rows ``sum(splits[:r]) : sum(splits[:r+1])`` (a rank listed in d_of_rank builds its
 shard from a matrix of that width instead). Writes OUT_DIR/rank{r}.pt with the reduced state, or
@@ -47,6 +48,13 @@ def main() -> int:
         acc = GramAccumulator(backend=cfg.get("backend"))
         if rank in cfg.get("empty_batch_ranks", []):
             acc.update(torch.empty(0, d, dtype=dtype))
+        if rank in cfg.get("nan_ranks", []):  # a caught NaN batch leaves this rank's accumulator broken
+            bad = shard[:2].clone()
+            bad[1, 0] = float("nan")
+            try:
+                acc.update(bad)
+            except ValueError:
+                pass
         step = cfg["batch"]
         for r0 in range(0, shard.shape[0], step):
             acc.update(shard[r0 : r0 + step])

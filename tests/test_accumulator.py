@@ -532,15 +532,23 @@ def test_feature_mismatch_names_both_d():
 
 @pytest.mark.parametrize("when", ("declared", "inferred"))
 def test_batch_on_other_device_raises(when):
-    if when == "declared":
-        acc = GramAccumulator(device="cpu")
-    else:
-        acc = GramAccumulator().update(torch.randn(5, 4))
-    with pytest.raises(ValueError, match=r"is on meta but the accumulator lives on cpu"):
+    x0 = _data(n=7, d=4, seed=30)
+    x = _data(n=9, d=4, seed=31)
+    acc = GramAccumulator(device="cpu") if when == "declared" else GramAccumulator().update(x0)
+    with pytest.raises(ValueError, match=r"batch \d: is on meta but the accumulator lives on cpu; move the batch"):
         acc.update(torch.empty(3, 4, device="meta"))
-    meta_acc = GramAccumulator(device="meta")
-    with pytest.raises(ValueError, match=r"is on cpu but the accumulator lives on meta"):
-        meta_acc.update(torch.randn(3, 4))
+    acc.update(x)  # the rejected batch changed nothing
+    z = x if when == "declared" else torch.cat([x0, x])
+    for center in (False, True):
+        check_against_ref(acc.spectrum(center), ref_sv(z, center), f"{when} after a rejected device")
+
+
+def test_accumulator_on_other_device_rejects_cpu_batch():
+    acc = GramAccumulator(device="meta")
+    assert acc.device == torch.device("meta")
+    with pytest.raises(ValueError, match=r"batch 0: is on cpu but the accumulator lives on meta"):
+        acc.update(torch.randn(3, 4))
+    assert acc.n_rows == 0 and acc.n_features is None
 
 
 @pytest.mark.parametrize("shape", ((7,), (2, 3, 4), ()), ids=("1d", "3d", "0d"))
@@ -687,3 +695,30 @@ def test_numpy_and_strided_batches(form, backend, dtype):
         sg, sp = got.spectrum(center).singular_values, plain.spectrum(center).singular_values
         assert sv_err(sg, sp) <= 1e-12, what
         assert rel_err(got.rankme(center=center), plain.rankme(center=center)) <= 1e-10, what
+
+
+def test_partial_state_without_rows_raises_value_error():
+    sd = {"format": "rankme_fast.GramAccumulator", "version": 1, "n_rows": 0, "n_batches": 0, "n_features": 4,
+          "gram": torch.zeros(4, 4, dtype=torch.float64)}
+    acc = GramAccumulator()
+    with pytest.raises(ValueError, match=r"not all of shift, col_sum and gram"):
+        acc.load_state_dict(sd)
+    assert acc.n_features is None and acc.n_rows == 0
+
+
+def test_merge_counts_batches_of_an_empty_accumulator():
+    a = GramAccumulator().update(torch.randn(5, 3, dtype=torch.float64))
+    a.merge(GramAccumulator().update(torch.empty(0, 3, dtype=torch.float64)))
+    assert a.n_batches == 2 and a.n_rows == 5
+
+
+def test_uncentred_gram_is_exactly_symmetric():
+    z = torch.randn(300, 17, dtype=torch.float64) + 3.0
+    acc = GramAccumulator()
+    for r0 in range(0, 300, 70):
+        acc.update(z[r0 : r0 + 70])
+    for center in (False, True):
+        g = acc.gram(center)
+        assert torch.equal(g, g.T)
+        ref = (z - z.mean(0)) if center else z
+        assert float((g - ref.T @ ref).abs().max() / (ref.T @ ref).abs().max()) <= 1e-13

@@ -184,6 +184,20 @@ def test_feature_mismatch_fails_on_every_rank(tmp_path):
         assert "ValueError" in logs[r] and "rank 1: d=48" in logs[r], what
 
 
+def test_broken_rank_fails_on_every_rank(tmp_path):
+    """A rank whose accumulator was poisoned by a (caught) NaN batch: every rank raises, naming it, and
+    nobody is left waiting in a collective."""
+    cfg = dict(kind="power1", n=200, d=16, seed=10, offset=0.0, dtype="float32", splits=[100, 100], batch=50,
+               nan_ranks=[1])
+    codes, logs, out = launch(cfg, tmp_path)
+    for r in range(WORLD):
+        assert codes[r] == 3, f"rank {r} (rc={codes[r]}):\n{logs[r]}"
+        err = json.loads((out / f"rank{r}.error.json").read_text())
+        assert err["type"] == "RuntimeError", err
+        assert "the accumulator of rank 1 is unusable after an earlier error" in err["message"], err
+        assert not (out / f"rank{r}.pt").exists()
+
+
 def test_no_rows_on_any_rank_fails_on_every_rank(tmp_path):
     cfg = dict(kind="flat", n=10, d=8, seed=9, offset=0.0, dtype="float64", splits=[0, 0], batch=4,
                empty_batch_ranks=[0])
