@@ -4,7 +4,7 @@ Usage: python dist_worker.py CONFIG_JSON OUT_DIR — with MASTER_ADDR, MASTER_PO
 
 CONFIG_JSON: {"kind", "n", "d", "seed", "offset", "dtype", "splits": [rows of rank 0, rows of rank 1, ...],
 "batch": rows per update, "empty_batch_ranks": ranks that feed one (0, d) batch, "d_of_rank": {rank: d},
-"nan_ranks": ranks that feed (and catch the error of) a batch holding a NaN before their shard}.
+"nan_ranks": ranks that feed (and catch the error of) a batch holding a NaN after their shard}.
 The full matrix is ``make_embeddings(n, d, kind, seed, offset)`` in float64, converted to ``dtype``;
 rank r takes the rows ``sum(splits[:r]) : sum(splits[:r+1])`` (a rank listed in d_of_rank builds its
 shard from a matrix of that width instead). Writes OUT_DIR/rank{r}.pt with the reduced state, or
@@ -48,6 +48,9 @@ def main() -> int:
         acc = GramAccumulator(backend=cfg.get("backend"))
         if rank in cfg.get("empty_batch_ranks", []):
             acc.update(torch.empty(0, d, dtype=dtype))
+        step = cfg["batch"]
+        for r0 in range(0, shard.shape[0], step):
+            acc.update(shard[r0 : r0 + step])
         if rank in cfg.get("nan_ranks", []):  # a caught NaN batch leaves this rank's accumulator broken
             bad = shard[:2].clone()
             bad[1, 0] = float("nan")
@@ -55,9 +58,6 @@ def main() -> int:
                 acc.update(bad)
             except ValueError:
                 pass
-        step = cfg["batch"]
-        for r0 in range(0, shard.shape[0], step):
-            acc.update(shard[r0 : r0 + step])
         local = {"n_rows": acc.n_rows, "n_batches": acc.n_batches}
         ret = acc.all_reduce()
         result = {
