@@ -12,7 +12,7 @@ Importing loads no native code; the C++ kernel is loaded on first use (see ``sho
 """
 from ._config import show_config
 from .gram import GramAccumulator
-from .score import ScoreResult, score
+from .scoring import ScoreResult, score
 from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, stable_rank
 from .spectrum import Spectrum, spectrum
 from .structured import eigenscore, lidar

@@ -70,7 +70,7 @@ def _fmt(v: float) -> str:
 def _score(args) -> int:
     import json
 
-    from rankme_fast.score import METRICS, parse_metrics, score
+    from rankme_fast.scoring import METRICS, parse_metrics, score
 
     names = parse_metrics(args.metrics)
     center = True if args.center else (False if args.no_center else None)

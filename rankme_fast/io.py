@@ -117,8 +117,11 @@ class _MappedReader(Reader):
             # ACCESS_COPY (MAP_PRIVATE) gives a writable view that torch.from_numpy accepts without a
             # warning; nothing is ever written, so the pages stay shared with the page cache.
             self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._arr = np.ndarray((self.n_rows, self.n_features), dtype=np_dtype, buffer=self._mm,
-                                   offset=offset, order="F" if fortran else "C")
+            # frombuffer holds an export of the mapping, so it cannot be unmapped while any chunk view
+            # is alive (close() then leaves it to the garbage collector).
+            self._arr = np.frombuffer(self._mm, dtype=np_dtype, count=self.n_rows * self.n_features,
+                                      offset=offset).reshape((self.n_rows, self.n_features),
+                                                             order="F" if fortran else "C")
             if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
                 self._mm.madvise(mmap.MADV_SEQUENTIAL)  # larger readahead on page faults
 
@@ -166,7 +169,7 @@ class _MappedReader(Reader):
         if self._mm is not None:
             try:
                 self._mm.close()
-            except BufferError:  # a view is still alive somewhere; the OS unmaps at exit
+            except BufferError:  # a chunk is still alive somewhere: unmapped when the last one dies
                 pass
             self._mm = None
         self._fh.close()
@@ -225,6 +228,10 @@ class SafetensorsReader(_MappedReader):
                 st_dtype, shape, (b, e) = meta["dtype"], list(meta["shape"]), meta["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: {meta!r}") from None
+            ints = [v for v in [b, e, *shape] if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+            if len(ints) != 2 + len(shape) or not b <= e:
+                raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: shape {shape} and data_offsets "
+                                 f"{[b, e]} must be non-negative integers with begin <= end")
             self.what = f"tensor {name!r} "
             if st_dtype not in _ST_DTYPES:
                 raise TypeError(f"{path}: tensor {name!r} has dtype {st_dtype}; use F16, BF16, F32 or F64")
@@ -281,9 +288,12 @@ class PtReader(Reader):
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "Unsupported global" in ln or "Unsupported operand" in ln),
+                       lines[0] if lines else type(exc).__name__)
             raise ValueError(f"{path}: holds pickled Python objects that weights_only loading refuses "
-                             f"({first}); save plain tensors (torch.save(tensor) or a dict of tensors)") from None
+                             f"({why}); save plain tensors (torch.save(tensor) or a dict of tensors)") from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
             raise ValueError(f"{path}: corrupt or truncated .pt file ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None

@@ -202,7 +202,7 @@ def spectrum(
         if method not in ("auto", "gram") or precision != "exact":
             raise ValueError("a path is streamed through the exact Gram accumulator: use method='auto' or 'gram' "
                              f"and precision='exact' (got method={method!r}, precision={precision!r})")
-        from .score import accumulate
+        from .scoring import accumulate
 
         acc, _ = accumulate(x, backend=backend, progress=False)
         return acc.spectrum(center)

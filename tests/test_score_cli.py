@@ -16,7 +16,7 @@ import torch
 
 import rankme_fast
 from rankme_fast.cli import main
-from rankme_fast.score import METRICS
+from rankme_fast.scoring import METRICS
 from tests.conftest import np_rankme, ref_sv, rel_err
 
 N, D = 2000, 40
@@ -287,7 +287,7 @@ def bad_files(data):
         (["score", "{f32}", "--center", "--no-center"], r"^rankme-fast score: error: argument --no-center: not allowed with argument --center"),
         (["score", "{missing}"], r"^rankme-fast: error: {missing}: no such file or directory$"),
         (["score", "{truncated}"], r"^rankme-fast: error: {truncated}: truncated: header promises"),
-        (["score", "{nan}", "--chunk-rows", "100"], r"^rankme-fast: error: {nan}: found 1 non-finite values \(1 NaN, 0 Inf\).* first in row 1234$"),
+        (["score", "{nan}", "--chunk-rows", "100"], r"^rankme-fast: error: {nan} \(rows 1200\.\.1300\): found 1 non-finite values \(1 NaN, 0 Inf\).* first in row 1234$"),
         (["score", "{f32}", "--key", "emb"], r"^rankme-fast: error: {f32}: a \.npy file holds one array, key='emb' does not apply$"),
     ],
     ids=["no_path", "unknown_metric", "empty_metrics", "max_rows_0", "chunk_rows_negative", "chunk_rows_text",
@@ -321,7 +321,7 @@ def test_error_after_good_path_keeps_printed_rows(capsys, data, bad_files):
 
 
 def test_interrupt_exits_130(capsys, data, monkeypatch):
-    score_mod = sys.modules["rankme_fast.score"]  # the attribute rankme_fast.score is the function
+    score_mod = sys.modules["rankme_fast.scoring"]
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -119,7 +119,8 @@ def accumulate(source: Source, *, key: Optional[str] = None, chunk_rows: Optiona
                 try:
                     acc.update(t)
                 except ValueError as exc:
-                    check_all_finite(t, name=r.path, row_offset=r0)  # names the file and the row
+                    # names the file and the row (count and shape are those of the chunk being read)
+                    check_all_finite(t, name=f"{r.path} (rows {r0}..{r0 + t.shape[0]})", row_offset=r0)
                     raise ValueError(f"{r.path}: rows {r0}..{r0 + t.shape[0]}: {exc}") from None
                 if bar is not None:
                     bar.update(t.shape[0])
