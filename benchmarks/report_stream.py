@@ -3,6 +3,7 @@
     python benchmarks/report_stream.py stream.json
 """
 import json
+import statistics
 import sys
 
 
@@ -12,29 +13,28 @@ def main(path: str) -> None:
     print(f"Machine: {mi.get('cpu')} ({mi.get('cores')} cores, torch threads {mi.get('torch_threads')}), "
           f"kernel ISA {mi.get('kernel_isa')}; torch {mi.get('torch')}, rankme_fast {mi.get('rankme_fast')}, "
           f"Python {mi.get('python_version')}; date {mi.get('date')}\n")
-    routes, rss = {}, None
-    for b in data["benchmarks"]:
-        if b["name"].startswith("test_peak_rss"):
-            rss = b["extra_info"]
-            continue
-        routes[b["params"]["route"]] = b
-    mem = routes["memory"]["stats"]["median"]
-    ex = routes["memory"]["extra_info"]
-    print("| N x d | route | median s | min s | max s | rounds | route / memory | RankMe |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in ("memory", "stream_warm", "stream_cold", "shards4"):
-        if name not in routes:
-            continue
-        s, e = routes[name]["stats"], routes[name]["extra_info"]
-        print(f"| {e['n']}x{e['d']} | {name} | {s['median']:.2f} | {s['min']:.2f} | {s['max']:.2f} | {s['rounds']} | "
-              f"{s['median'] / mem:.3f} | {e['rankme']:.12g} |")
+    by = {b["name"].split("[")[0]: b["extra_info"] for b in data["benchmarks"]}
+    ex = by["test_stream_vs_memory"]
+    times = ex["times"]
+    mem = times["memory"]
+    print("| N x d | route | per-round s | median s | median of per-round ratio to memory | RankMe |")
+    print("|---|---|---|---|---|---|")
+    for name, ts in times.items():
+        ratios = [t / m for t, m in zip(ts, mem)]
+        print(f"| {ex['n']}x{ex['d']} | {name} | {', '.join(f'{t:.2f}' for t in ts)} | {statistics.median(ts):.2f} | "
+              f"{statistics.median(ratios):.3f} ({', '.join(f'{r:.2f}' for r in ratios)}) | {ex['rankme'][name]:.12g} |")
     print(f"\nfloor: N·d² at the {ex['dgemm_flops'] / 1e9:.0f} GFLOP/s dgemm measured in this run = {ex['floor_s']:.2f} s")
+    sh = by.get("test_shards")
+    if sh:
+        print(f"- 4 shards vs single file (both warm): {sh['shards4']['seconds']:.2f} s vs {sh['single']['seconds']:.2f} s; "
+              f"RankMe {sh['shards4']['rankme']:.15g} vs {sh['single']['rankme']:.15g}, relative difference "
+              f"{sh['shard_vs_single_rel']:.2e}")
+    rss = by.get("test_peak_rss")
     if rss:
         for k in ("single", "shards4"):
             r = rss[k]
             print(f"- fresh process, {k}: peak RSS {r['peak_rss'] / 2**20:.0f} MiB (after `import rankme_fast`: "
                   f"{r['rss_after_import'] / 2**20:.0f} MiB), {r['seconds']:.2f} s, RankMe {r['rankme']:.12g}")
-        print(f"- RankMe shards4 vs single file: relative difference {rss['shard_vs_single_rel']:.2e}")
 
 
 if __name__ == "__main__":

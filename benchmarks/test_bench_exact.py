@@ -12,6 +12,7 @@ Contenders per shape (float32 input, N x d):
 import json
 import os
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -74,7 +75,8 @@ t = threading.Thread(target=sample); t.start()
 r = rankme_fast.rankme(x)
 done.set(); t.join()
 hwm = rss("VmHWM") if reset else peak[0]
-print(json.dumps({"extra_bytes": max(hwm, peak[0]) - base, "hwm_reset": reset, "rankme": r}))
+print(json.dumps({"extra_bytes": max(hwm, peak[0]) - base, "hwm_reset": reset, "rankme": r,
+                  "native": rankme_fast.backends.cpu.load() is not None}))
 """
 
 
@@ -82,8 +84,11 @@ print(json.dumps({"extra_bytes": max(hwm, peak[0]) - base, "hwm_reset": reset, "
 def test_peak_extra_memory(shape, record_property):
     """Peak RSS growth of rankme() over the input itself must stay within d²·8 B + 64 MiB."""
     n, d = shape
-    out = subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(n), str(d)], capture_output=True, text=True, check=True)
+    # cwd outside the repository, so `python -c` imports the installed package (with its extension)
+    out = subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(n), str(d)], capture_output=True, text=True,
+                         check=True, cwd=tempfile.gettempdir())
     res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["native"], "the child process did not load the native extension"
     limit = d * d * 8 + 64 * 2**20
     record_property("extra_bytes", res["extra_bytes"])
     print(f"\n{n}x{d}: peak extra {res['extra_bytes'] / 2**20:.1f} MiB, limit {limit / 2**20:.1f} MiB")

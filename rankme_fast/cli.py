@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     sc.add_argument("--eps", type=_eps, default=1e-7, help="RankMe epsilon (default 1e-7)")
     sc.add_argument("--key", default=None, help="tensor/dataset name inside multi-tensor files")
     sc.add_argument("--json", action="store_true", help="one JSON object per PATH per line")
-    sc.add_argument("--chunk-rows", type=_positive_int, default=None, help="rows per read (default ~32 MiB)")
+    sc.add_argument("--chunk-rows", type=_positive_int, default=None, help="rows per read (default ~64 MiB)")
     sc.add_argument("--max-rows", type=_positive_int, default=None, help="use only the first N rows of each PATH")
     sc.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     sc.set_defaults(fn=_score)

@@ -149,7 +149,7 @@ def score(source: Source, metrics: Union[str, Sequence[str]] = DEFAULT_METRICS, 
         center: None = each metric's reference convention (RankMe uncentred, collapse AUC centred, ...);
             True/False forces one convention for all.
         eps: RankMe's ε.  key: tensor/dataset name inside a multi-tensor file.
-        chunk_rows: rows per read (default: ~32 MiB of input).  max_rows: use only the first rows.
+        chunk_rows: rows per read (default: ~64 MiB of input).  max_rows: use only the first rows.
         progress: tqdm bar on stderr (None = only when stderr is a terminal).
         backend, num_threads: Gram backend and kernel threads (see :func:`rankme_fast.spectrum`).
 
