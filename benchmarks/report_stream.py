@@ -23,6 +23,14 @@ def main(path: str) -> None:
         ratios = [t / m for t, m in zip(ts, mem)]
         print(f"| {ex['n']}x{ex['d']} | {name} | {', '.join(f'{t:.2f}' for t in ts)} | {statistics.median(ts):.2f} | "
               f"{statistics.median(ratios):.3f} ({', '.join(f'{r:.2f}' for r in ratios)}) | {ex['rankme'][name]:.12g} |")
+    cpu = ex.get("cpu_times")
+    if cpu:
+        print("\nCPU time (user+system, all threads of the process) per round:\n")
+        print("| route | per-round CPU s | median of per-round ratio to memory |")
+        print("|---|---|---|")
+        for name, ts in cpu.items():
+            ratios = [t / m for t, m in zip(ts, cpu["memory"])]
+            print(f"| {name} | {', '.join(f'{t:.1f}' for t in ts)} | {statistics.median(ratios):.3f} |")
     print(f"\nfloor: N·d² at the {ex['dgemm_flops'] / 1e9:.0f} GFLOP/s dgemm measured in this run = {ex['floor_s']:.2f} s")
     sh = by.get("test_shards")
     if sh:
