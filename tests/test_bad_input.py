@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -71,7 +73,6 @@ BAD_OBJECTS = [
     ("numpy_object", lambda: np.ones((6, 3), dtype=object), TypeError, r"object arrays are not accepted .*shape \(6, 3\) and dtype object"),
     ("numpy_str", lambda: np.array([["a", "b"], ["c", "d"]]), TypeError, r"non-numeric dtype <U1 is not accepted"),
     ("numpy_datetime", lambda: np.zeros((4, 2), dtype="datetime64[s]"), TypeError, r"non-numeric dtype datetime64\[s\]"),
-    ("str", lambda: "embeddings.npy", TypeError, r"expected a torch.Tensor, a NumPy array or an object with __dlpack__, got str"),
     ("bytes", lambda: b"\x00\x01", TypeError, r"got bytes"),
     ("dict", lambda: {"z": [1.0]}, TypeError, r"got dict"),
     ("none", lambda: None, TypeError, r"got NoneType"),
@@ -391,3 +392,16 @@ def test_inputs_are_not_modified():
         rf.spectrum(w, center=True, precision="fast")
         rf.spectrum(w, center=True)
         assert torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("fn", ("spectrum", "rankme", "collapse_auc"))
+def test_missing_path_names_the_file(fn, tmp_path):
+    """Strings are paths to stream (issue 3); a missing one is a ValueError naming it."""
+    missing = str(tmp_path / "embeddings.npy")
+    with pytest.raises(ValueError, match=re.escape(missing) + r": no such file or directory"):
+        getattr(rf, fn)(missing)
+
+
+def test_path_is_not_accepted_where_no_streaming_exists():
+    with pytest.raises(TypeError, match=r"expected a torch.Tensor, a NumPy array or an object with __dlpack__, got str"):
+        rf.eigenscore("embeddings.npy")

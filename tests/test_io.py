@@ -943,3 +943,23 @@ def test_no_progress_bar(tmp_path, x64, ref64, capsys):
     assert rel_err(res.metrics["rankme"], ref64["rankme"]) <= TOL64
     res = score(str(p), "rankme", chunk_rows=500)  # default: only on a terminal; capsys is not one
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("center", (False, True), ids=("raw", "centred"))
+def test_spectrum_and_metrics_of_a_path_stream(tmp_path, center):
+    """rf.spectrum / rf.rankme / rf.collapse_auc accept a path (file or shard directory) and stream it."""
+    g = np.random.default_rng(11)
+    x = (g.standard_normal((2500, 24)) * np.linspace(3.0, 0.1, 24) + 2.0).astype(np.float32)
+    d = tmp_path / "shards"
+    d.mkdir()
+    for i, part in enumerate(np.array_split(x, 3)):
+        np.save(d / f"part_{i}.npy", part)
+    np.save(tmp_path / "all.npy", x)
+    ref = ref_sv(x, center).numpy()
+    for src in (str(tmp_path / "all.npy"), str(d)):
+        s = rf.spectrum(src, center=center)
+        assert s.centered is center and s.n_rows == 2500 and s.n_features == 24
+        assert float(np.abs(s.singular_values.numpy() - ref).max()) <= 1e-9 * ref[0]
+        assert rel_err(rf.rankme(src, center=center), np_rankme(ref)) <= 1e-9
+    with pytest.raises(ValueError, match=r"use method='auto' or 'gram' and precision='exact'"):
+        rf.spectrum(str(d), precision="fast")
