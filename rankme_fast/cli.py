@@ -6,11 +6,13 @@
 ``info``           build configuration and backends (= ``rankme_fast.show_config()``).
 ``demo``           synthetic embeddings with known spectra: exact vs true RankMe.
 
-Exit codes: 0 ok, 2 bad usage or bad input (one line on stderr), 130 interrupted.
+Exit codes: 0 ok, 2 bad usage, bad input or an unreadable file (one line on stderr), 1 out of memory or
+a closed output pipe, 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -163,10 +165,16 @@ def main(argv=None) -> int:
         if args.cmd == "demo" and (args.rows < 1 or args.dim < 1):
             raise ValueError("--rows and --dim must be positive")
         return args.fn(args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # bad input, unreadable file, bad setup
+        if isinstance(exc, BrokenPipeError):  # e.g. `rankme-fast score ... | head`
+            sys.stdout = open(os.devnull, "w")
+            return 1
         msg = " ".join(str(exc).split())  # one line
         print(f"rankme-fast: error: {msg}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("rankme-fast: error: out of memory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rankme-fast: interrupted", file=sys.stderr)
         return 130

@@ -13,12 +13,14 @@ state on CPU is moved to the current CUDA device for NCCL and back).
 Under ``torchrun``::
 
     # torchrun --nproc-per-node 8 score.py
-    import torch.distributed as dist, rankme_fast as rf
+    import os, torch, torch.distributed as dist, rankme_fast as rf
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # (GPU runs) one GPU per rank
     dist.init_process_group()                      # NCCL on GPUs, gloo on CPUs
     acc = rf.GramAccumulator()
     for batch in my_shard_of_the_data():
         acc.update(model(batch))
     acc.all_reduce()                               # every rank now holds the global state
+                                                   # (call it once: a second call would count rows twice)
     if dist.get_rank() == 0:
         print(acc.rankme(), acc.spectrum(center=True).collapse_auc())
 """
@@ -30,10 +32,13 @@ import torch
 
 
 def _comm_device(group, state_device: torch.device) -> torch.device:
+    """Where the collectives run: the state's own device, unless the group cannot reduce tensors there
+    (a pure NCCL group and CPU state: then this rank's current CUDA device — call
+    ``torch.cuda.set_device(local_rank)`` first, as NCCL itself requires)."""
     import torch.distributed as dist
 
     backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and state_device.type != "cuda":
+    if state_device.type == "cpu" and "nccl" in backend and "gloo" not in backend and "mpi" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return state_device
 
@@ -48,8 +53,10 @@ def _describe_mismatch(ds: list) -> str:
             f"from d={common}")
 
 
+@torch.no_grad()
 def all_reduce_accumulator(acc, group=None):
-    """In-place global reduction of ``acc`` over ``group``; see the module docstring."""
+    """In-place global reduction of ``acc`` over ``group``; see the module docstring. Afterwards every
+    rank holds the global state, so call it once (a second call would count every row world-size times)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -128,6 +128,16 @@ def _sym_upper(g: torch.Tensor) -> torch.Tensor:
     return torch.triu(g) + torch.triu(g, 1).T
 
 
+def _normal_device(device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``, ``cpu:0`` -> ``cpu``: the form a tensor's ``.device`` has."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    return dev
+
+
 STATE_FORMAT = "rankme_fast.GramAccumulator"
 STATE_VERSION = 1
 
@@ -168,7 +178,7 @@ class GramAccumulator:
         if backend not in (None, "auto") and backend not in backends.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(backends.BACKENDS)} or 'auto'")
         self._d: Optional[int] = n_features
-        self._device: Optional[torch.device] = None if device is None else torch.device(device)
+        self._device: Optional[torch.device] = None if device is None else _normal_device(device)
         self._backend_name = backend
         self._num_threads = num_threads
         self._be = None
@@ -219,6 +229,7 @@ class GramAccumulator:
         m = g - torch.outer(self._csum, self._csum) / n
         return n, mu, m
 
+    @torch.no_grad()
     def _set_centered(self, n: int, mu: torch.Tensor, m: torch.Tensor) -> None:
         """Rebase the state on shift = μ (so c = 0 and G = M)."""
         d = self._d
@@ -240,7 +251,7 @@ class GramAccumulator:
         from ._inputs import check_all_finite, to_torch
 
         name = f"batch {self.n_batches}"
-        t = to_torch(batch, name=name)
+        t = to_torch(batch, name=name).detach()  # statistics only: never keep an autograd graph alive
         if t.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D (rows, features) batch, got shape {tuple(t.shape)}")
         rows, d = t.shape
@@ -257,11 +268,15 @@ class GramAccumulator:
         self.n_batches += 1
         if rows == 0:
             return self
-        if self.n_rows == 0:
-            self._shift.copy_(t[: min(rows, SHIFT_ROWS)].to(torch.float64).mean(0))
-        kw = {"num_threads": self._num_threads} if self._be is backends.cpu else {}
-        self._be.gram_update(t, self._g, col_sum=self._csum, col_shift=self._shift, **kw)
-        self.n_rows += rows
+        try:  # all or nothing: an interruption mid-batch (OOM, Ctrl-C) must not leave a half-added batch
+            if self.n_rows == 0:
+                self._shift.copy_(t[: min(rows, SHIFT_ROWS)].to(torch.float64).mean(0))
+            kw = {"num_threads": self._num_threads} if self._be is backends.cpu else {}
+            self._be.gram_update(t, self._g, col_sum=self._csum, col_shift=self._shift, **kw)
+            self.n_rows += rows
+        except BaseException as exc:
+            self._broken = f"{name} was interrupted ({type(exc).__name__}) while being added"
+            raise
         # O(d) check: a NaN/Inf anywhere in the batch reaches the column sums, an overflowing square
         # reaches the diagonal.
         ok = torch.isfinite(self._csum).all() & torch.isfinite(torch.diagonal(self._g)[:d]).all()
@@ -273,6 +288,7 @@ class GramAccumulator:
                              f"{float(t.abs().max()):.3g}); rescale the embeddings")
         return self
 
+    @torch.no_grad()
     def merge(self, other: "GramAccumulator") -> "GramAccumulator":
         """Add the rows accumulated by ``other`` (Chan's parallel formula); ``other`` is unchanged."""
         self._ensure_ok()
@@ -358,6 +374,7 @@ class GramAccumulator:
             sd.update(shift=self._shift.clone(), col_sum=self._csum.clone(), gram=_sym_upper(self._g[:d, :d]))
         return sd
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> "GramAccumulator":
         """Replace this accumulator's state by ``state`` (from :meth:`state_dict`), validating it."""
         if not isinstance(state, dict):

@@ -18,6 +18,7 @@ the OS under memory pressure only.
 """
 from __future__ import annotations
 
+import ast
 import glob as _glob
 import json
 import math
@@ -61,29 +62,48 @@ def _is_zarr_dir(p: str) -> bool:
 
 
 class Reader:
-    """One file: ``n_rows``, ``n_features``, ``dtype``; ``read(r0, r1)`` returns an owned (r1−r0, d)
-    tensor (called from the prefetch thread), ``close()`` releases the file."""
+    """One file: ``n_rows``, ``n_features``, ``dtype``; ``read(r0, r1)`` returns the (r1−r0, d) rows as a
+    tensor (called from the prefetch thread). Headers are validated when the reader is created, then
+    the file is closed again: files are (re)opened on first ``read`` and closed by ``close()``, so a
+    source of thousands of shards holds only the one or two being read open."""
 
     path: str
     n_rows: int
     n_features: int
     dtype: torch.dtype
     what: str = ""
+    _is_open: bool = False
 
-    def read(self, r0: int, r1: int) -> torch.Tensor:  # pragma: no cover - abstract
+    def read(self, r0: int, r1: int) -> torch.Tensor:
+        if not self._is_open:
+            self._open()
+            self._is_open = True
+        return self._read(r0, r1)
+
+    def _open(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self, r0: int, r1: int) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def done(self, r0: int, r1: int) -> None:
         """Called once the consumer has finished with the chunk of rows [r0, r1)."""
 
     def close(self) -> None:
+        self._is_open = False
+        self._release()
+
+    def _release(self) -> None:
         pass
 
     def _check_shape(self, shape) -> None:
+        shape = tuple(shape)
         if len(shape) != 2:
-            raise ValueError(f"{self.path}: {self.what}expected a 2-D (rows, features) array, got shape {tuple(shape)}")
+            raise ValueError(f"{self.path}: {self.what}expected a 2-D (rows, features) array, got shape {shape}")
+        if any(not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0 for v in shape):
+            raise ValueError(f"{self.path}: {self.what}corrupt header: shape {shape} must hold non-negative integers")
         if shape[1] == 0:
-            raise ValueError(f"{self.path}: {self.what}has 0 features (shape {tuple(shape)})")
+            raise ValueError(f"{self.path}: {self.what}has 0 features (shape {shape})")
         self.n_rows, self.n_features = int(shape[0]), int(shape[1])
 
 
@@ -103,7 +123,10 @@ def _float_dtype_or_raise(path: str, dt: np.dtype, what: str = "") -> torch.dtyp
 class _MappedReader(Reader):
     """Shared machinery of the formats whose payload is a plain array at a byte offset of the file."""
 
-    def _map(self, offset: int, np_dtype: np.dtype, fortran: bool, file_size: int) -> None:
+    _mm = None
+    _arr = None
+
+    def _layout(self, offset: int, np_dtype: np.dtype, fortran: bool, file_size: int) -> None:
         self._np_dtype = np_dtype
         self._fortran = fortran
         need = self.n_rows * self.n_features * np_dtype.itemsize
@@ -111,24 +134,31 @@ class _MappedReader(Reader):
             raise ValueError(f"{self.path}: truncated: header promises {self.n_rows} x {self.n_features} "
                              f"{np_dtype} ({need} bytes from offset {offset}) but the file has {file_size} bytes")
         self._offset = offset
+        self._need = need
         self._zero_copy = not fortran and np_dtype.byteorder in ("=", "|", "<" if np.little_endian else ">")
-        self._mm = None
-        self._arr = None
-        if need:
+
+    def _open(self) -> None:
+        if not self._need:
+            return
+        with open(self.path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size < self._offset + self._need:
+                raise ValueError(f"{self.path}: truncated since it was opened (now "
+                                 f"{os.fstat(fh.fileno()).st_size} bytes, need {self._offset + self._need})")
             # ACCESS_COPY (MAP_PRIVATE) gives a writable view that torch.from_numpy accepts without a
             # warning; nothing is ever written, so the pages stay shared with the page cache.
-            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            # frombuffer holds an export of the mapping, so it cannot be unmapped while any chunk view
-            # is alive (close() then leaves it to the garbage collector).
-            self._arr = np.frombuffer(self._mm, dtype=np_dtype, count=self.n_rows * self.n_features,
-                                      offset=offset).reshape((self.n_rows, self.n_features),
-                                                             order="F" if fortran else "C")
-            if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
-                self._mm.madvise(mmap.MADV_SEQUENTIAL)  # larger readahead on page faults
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        # frombuffer holds an export of the mapping, so it cannot be unmapped while any chunk view is
+        # alive (close() then leaves the unmapping to the garbage collector).
+        self._arr = np.frombuffer(self._mm, dtype=self._np_dtype, count=self.n_rows * self.n_features,
+                                  offset=self._offset).reshape((self.n_rows, self.n_features),
+                                                               order="F" if self._fortran else "C")
+        if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+            self._mm.madvise(mmap.MADV_SEQUENTIAL)  # larger readahead on page faults
 
     def _advise(self, advice_name: str, r0: int, r1: int) -> None:
         """madvise the mapped pages of rows [r0, r1): MADV_WILLNEED starts asynchronous reads of the
-        whole chunk; MADV_DONTNEED drops consumed pages from this process (they stay in the page
+        whole chunk (range rounded outwards); MADV_DONTNEED drops consumed pages from this process
+        (rounded inwards, so a page shared with the next chunk stays; dropped pages stay in the page
         cache), which keeps resident memory independent of the file size."""
         advice = getattr(mmap, advice_name, None)
         if self._mm is None or advice is None or not hasattr(self._mm, "madvise"):
@@ -139,20 +169,25 @@ class _MappedReader(Reader):
                      for j in range(self.n_features)]
         else:
             spans = [(self._offset + r0 * self.n_features * isz, self._offset + r1 * self.n_features * isz)]
+        inward = advice_name == "MADV_DONTNEED"
         for a, b in spans:
-            a = a // PAGE * PAGE
-            b = min(-(-b // PAGE) * PAGE, len(self._mm))
+            if inward:
+                a, b = -(-a // PAGE) * PAGE, b // PAGE * PAGE
+            else:
+                a, b = a // PAGE * PAGE, -(-b // PAGE) * PAGE
+            b = min(b, len(self._mm))
             if b > a:
                 self._mm.madvise(advice, a, b - a)
 
-    def read(self, r0: int, r1: int) -> torch.Tensor:
+    def _read(self, r0: int, r1: int) -> torch.Tensor:
         if self._zero_copy:
             # The Gram kernel reads the mapping directly; this (prefetch) thread only makes sure the
             # pages are resident, so the kernel never waits for the disk and no copy is made.
             self._advise("MADV_WILLNEED", r0, r1)
             row_bytes = self.n_features * self._np_dtype.itemsize
-            a = self._offset + r0 * row_bytes
-            np.frombuffer(self._mm, dtype=np.uint8, count=(r1 - r0) * row_bytes, offset=a)[::PAGE].max()
+            a = (self._offset + r0 * row_bytes) // PAGE * PAGE
+            b = self._offset + r1 * row_bytes
+            np.frombuffer(self._mm, dtype=np.uint8, count=b - a, offset=a)[::PAGE].max()  # one byte per page
             t = torch.from_numpy(self._arr[r0:r1])
         else:  # Fortran order or foreign byte order: copy (and convert) here, in the prefetch thread
             out = np.empty((r1 - r0, self.n_features), dtype=self._np_dtype.newbyteorder("="))
@@ -165,7 +200,7 @@ class _MappedReader(Reader):
         if self._zero_copy:
             self._advise("MADV_DONTNEED", r0, r1)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._arr = None
         if self._mm is not None:
             try:
@@ -173,43 +208,52 @@ class _MappedReader(Reader):
             except BufferError:  # a chunk is still alive somewhere: unmapped when the last one dies
                 pass
             self._mm = None
-        self._fh.close()
+
+
+def _read_npy_header(fh, path: str):
+    try:
+        version = np.lib.format.read_magic(fh)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a .npy file or corrupt header ({exc})") from None
+    try:
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(fh)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(fh)
+        if version == (3, 0):  # 2.0 layout with a UTF-8 header; numpy has no public reader for it
+            (hlen,) = struct.unpack("<I", fh.read(4))
+            d = ast.literal_eval(fh.read(hlen).decode("utf-8"))
+            if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
+                raise ValueError(f"header is not a dict with keys descr, fortran_order, shape: {d!r}")
+            if not isinstance(d["shape"], tuple) or not isinstance(d["fortran_order"], bool):
+                raise ValueError(f"bad shape or fortran_order in {d!r}")
+            return d["shape"], d["fortran_order"], np.lib.format.descr_to_dtype(d["descr"])
+    except (ValueError, SyntaxError, EOFError, TypeError, struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: corrupt .npy header ({exc})") from None
+    raise ValueError(f"{path}: unsupported .npy format version {version[0]}.{version[1]}")
 
 
 class NpyReader(_MappedReader):
     def __init__(self, path: str):
         self.path = path
-        self._fh = open(path, "rb")
-        try:
-            size = os.fstat(self._fh.fileno()).st_size
-            try:
-                version = np.lib.format.read_magic(self._fh)
-            except ValueError as exc:
-                raise ValueError(f"{path}: not a .npy file or corrupt header ({exc})") from None
-            try:
-                if version == (1, 0):
-                    shape, fortran, dt = np.lib.format.read_array_header_1_0(self._fh)
-                elif version == (2, 0):
-                    shape, fortran, dt = np.lib.format.read_array_header_2_0(self._fh)
-                else:
-                    shape, fortran, dt = np.lib.format._read_array_header(self._fh, version)  # noqa: SLF001
-            except (ValueError, SyntaxError, EOFError) as exc:
-                raise ValueError(f"{path}: corrupt .npy header ({exc})") from None
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            shape, fortran, dt = _read_npy_header(fh, path)
             self.dtype = _float_dtype_or_raise(path, dt)
             self._check_shape(shape)
-            self._map(self._fh.tell(), dt, bool(fortran), size)
-        except BaseException:
-            self._fh.close()
-            raise
+            self._layout(fh.tell(), dt, bool(fortran), size)
+        extra = size - self._offset - self._need
+        if extra:
+            warnings.warn(f"{path}: {extra} bytes after the {self.n_rows} x {self.n_features} array the header "
+                          "describes are ignored (an overwritten header?)", UserWarning, stacklevel=4)
 
 
 class SafetensorsReader(_MappedReader):
     def __init__(self, path: str, key: Optional[str] = None):
         self.path = path
-        self._fh = open(path, "rb")
-        try:
-            size = os.fstat(self._fh.fileno()).st_size
-            head = self._fh.read(8)
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
             if len(head) < 8:
                 raise ValueError(f"{path}: not a .safetensors file (only {size} bytes)")
             (hlen,) = struct.unpack("<Q", head)
@@ -217,35 +261,32 @@ class SafetensorsReader(_MappedReader):
                 raise ValueError(f"{path}: corrupt or truncated .safetensors file (header length {hlen} bytes, "
                                  f"file {size} bytes)")
             try:
-                header = json.loads(self._fh.read(hlen).decode("utf-8"))
+                header = json.loads(fh.read(hlen).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ValueError(f"{path}: corrupt .safetensors header ({exc})") from None
-            if not isinstance(header, dict):
-                raise ValueError(f"{path}: corrupt .safetensors header (not a JSON object)")
-            entries = {k: v for k, v in header.items() if k != "__metadata__"}
-            name = self._pick(entries, key)
-            meta = entries[name]
-            try:
-                st_dtype, shape, (b, e) = meta["dtype"], list(meta["shape"]), meta["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: {meta!r}") from None
-            ints = [v for v in [b, e, *shape] if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
-            if len(ints) != 2 + len(shape) or not b <= e:
-                raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: shape {shape} and data_offsets "
-                                 f"{[b, e]} must be non-negative integers with begin <= end")
-            self.what = f"tensor {name!r} "
-            if st_dtype not in _ST_DTYPES:
-                raise TypeError(f"{path}: tensor {name!r} has dtype {st_dtype}; use F16, BF16, F32 or F64")
-            self.dtype, np_dt = _ST_DTYPES[st_dtype]
-            self._check_shape(shape)
-            if e - b != self.n_rows * self.n_features * np_dt.itemsize:
-                raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: data_offsets {b}..{e} do not "
-                                 f"match shape {shape} of {st_dtype}")
-            self._map(8 + hlen + b, np_dt, False, size)
-            self.key = name
-        except BaseException:
-            self._fh.close()
-            raise
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt .safetensors header (not a JSON object)")
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        name = self._pick(entries, key)
+        meta = entries[name]
+        try:
+            st_dtype, shape, (b, e) = meta["dtype"], list(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: {meta!r}") from None
+        ints = [v for v in [b, e, *shape] if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+        if len(ints) != 2 + len(shape) or not b <= e:
+            raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: shape {shape} and data_offsets "
+                             f"{[b, e]} must be non-negative integers with begin <= end")
+        self.what = f"tensor {name!r} "
+        if st_dtype not in _ST_DTYPES:
+            raise TypeError(f"{path}: tensor {name!r} has dtype {st_dtype}; use F16, BF16, F32 or F64")
+        self.dtype, np_dt = _ST_DTYPES[st_dtype]
+        self._check_shape(shape)
+        if e - b != self.n_rows * self.n_features * np_dt.itemsize:
+            raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: data_offsets {b}..{e} do not "
+                             f"match shape {shape} of {st_dtype}")
+        self._layout(8 + hlen + b, np_dt, False, size)
+        self.key = name
 
     def _pick(self, entries: dict, key: Optional[str]) -> str:
         if key is not None:
@@ -277,10 +318,20 @@ def _pick_from_mapping(path: str, items: dict, key: Optional[str], kind: str):
 
 class PtReader(Reader):
     def __init__(self, path: str, key: Optional[str] = None):
+        self.path = path
+        self._key = key
+        t = self._load()
+        if t.is_complex() or not t.is_floating_point() or t.dtype not in (torch.float64, torch.float32,
+                                                                             torch.float16, torch.bfloat16):
+            raise TypeError(f"{path}: {self.what}has dtype {t.dtype}; use float16/32/64 or bfloat16")
+        self.dtype = t.dtype
+        self._check_shape(t.shape)
+
+    def _load(self) -> torch.Tensor:
         import pickle
         import zipfile
 
-        self.path = path
+        path, key = self.path, self._key
         try:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -302,91 +353,125 @@ class PtReader(Reader):
             tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
             name = _pick_from_mapping(path, tensors, key, "tensor")
             self.what = f"tensor {name!r} "
-            t = tensors[name]
-        elif isinstance(obj, torch.Tensor):
+            return tensors[name]
+        if isinstance(obj, torch.Tensor):
             if key is not None:
                 raise ValueError(f"{path}: holds a single tensor, key={key!r} does not apply")
-            t = obj
-        else:
-            raise ValueError(f"{path}: holds a {type(obj).__name__}; expected a tensor or a dict of tensors")
-        if t.is_complex() or not t.is_floating_point() or t.dtype not in (torch.float64, torch.float32,
-                                                                             torch.float16, torch.bfloat16):
-            raise TypeError(f"{path}: {self.what}has dtype {t.dtype}; use float16/32/64 or bfloat16")
-        self.dtype = t.dtype
-        self._check_shape(t.shape)
+            return obj
+        raise ValueError(f"{path}: holds a {type(obj).__name__}; expected a tensor or a dict of tensors")
+
+    def _open(self) -> None:
+        t = self._load()
+        if t.dtype != self.dtype or tuple(t.shape) != (self.n_rows, self.n_features):
+            raise ValueError(f"{self.path}: changed since it was opened")
         self._t = t
 
-    def read(self, r0: int, r1: int) -> torch.Tensor:
+    def _read(self, r0: int, r1: int) -> torch.Tensor:
         return self._t[r0:r1].clone(memory_format=torch.contiguous_format)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._t = None
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:
+        return None
+    return h5py
 
 
 class Hdf5Reader(Reader):
     def __init__(self, path: str, key: Optional[str] = None):
-        try:
-            import h5py
-        except ImportError:
-            raise ValueError(f"{path}: reading HDF5 needs h5py (pip install 'rankme_fast[hdf5]')") from None
+        if _h5py() is None:
+            raise ValueError(f"{path}: reading HDF5 needs h5py (pip install 'rankme_fast[hdf5]')")
         self.path = path
-        try:
-            self._f = h5py.File(path, "r")
-        except OSError as exc:
-            raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from None
+        f = self._file()
         try:
             sets = {}
-            self._f.visititems(lambda n, o: sets.__setitem__(n, o) if isinstance(o, h5py.Dataset) else None)
-            name = _pick_from_mapping(path, sets, key, "dataset")
-            self._ds = sets[name]
-            self.what = f"dataset {name!r} "
-            self.dtype = _float_dtype_or_raise(path, self._ds.dtype, self.what)
-            self._check_shape(self._ds.shape)
-        except BaseException:
-            self._f.close()
-            raise
+            f.visititems(lambda n, o: sets.__setitem__(n, o) if isinstance(o, _h5py().Dataset) else None)
+            self._name = _pick_from_mapping(path, sets, key, "dataset")
+            ds = sets[self._name]
+            self.what = f"dataset {self._name!r} "
+            self.dtype = _float_dtype_or_raise(path, ds.dtype, self.what)
+            self._check_shape(ds.shape)
+        finally:
+            f.close()
 
-    def read(self, r0: int, r1: int) -> torch.Tensor:
+    def _file(self):
+        try:
+            return _h5py().File(self.path, "r")
+        except OSError as exc:
+            raise ValueError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+
+    def _open(self) -> None:
+        self._f = self._file()
+        self._ds = self._f[self._name]
+
+    def _read(self, r0: int, r1: int) -> torch.Tensor:
         try:
             a = self._ds[r0:r1]
         except (OSError, RuntimeError) as exc:
             raise ValueError(f"{self.path}: {self.what}rows {r0}..{r1} unreadable ({exc})") from None
         return torch.from_numpy(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("="), copy=False)))
 
-    def close(self) -> None:
-        self._f.close()
+    def _release(self) -> None:
+        f = getattr(self, "_f", None)
+        self._f = self._ds = None
+        if f is not None:
+            f.close()
+
+
+def _zarr_arrays(group, prefix: str = "") -> dict:
+    """Every array below a Zarr group, by its path (recursive; zarr 2 and 3)."""
+    out = {}
+    for name, arr in group.arrays():
+        out[prefix + name] = arr
+    for name, sub in group.groups():
+        out.update(_zarr_arrays(sub, prefix + name + "/"))
+    return out
 
 
 class ZarrReader(Reader):
     def __init__(self, path: str, key: Optional[str] = None):
         try:
-            import zarr
+            import zarr  # noqa: F401
         except ImportError:
             raise ValueError(f"{path}: reading Zarr needs zarr (pip install 'rankme_fast[zarr]')") from None
         self.path = path
-        try:
-            obj = zarr.open(path, mode="r")
-        except Exception as exc:  # noqa: BLE001 - zarr raises many types for a bad store
-            raise ValueError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
-        if hasattr(obj, "shape"):
-            if key is not None:
-                raise ValueError(f"{path}: is a single Zarr array, key={key!r} does not apply")
-            arr = obj
-        else:
-            arrays = dict(obj.arrays()) if hasattr(obj, "arrays") else {}
-            name = _pick_from_mapping(path, arrays, key, "array")
-            self.what = f"array {name!r} "
-            arr = arrays[name]
-        self._arr = arr
+        self._key = key
+        arr = self._array()
         self.dtype = _float_dtype_or_raise(path, np.dtype(arr.dtype), self.what)
         self._check_shape(arr.shape)
 
-    def read(self, r0: int, r1: int) -> torch.Tensor:
+    def _array(self):
+        import zarr
+
+        try:
+            obj = zarr.open(self.path, mode="r")
+        except Exception as exc:  # noqa: BLE001 - zarr raises many types for a bad store
+            raise ValueError(f"{self.path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
+        if hasattr(obj, "shape"):
+            if self._key is not None:
+                raise ValueError(f"{self.path}: is a single Zarr array, key={self._key!r} does not apply")
+            return obj
+        arrays = _zarr_arrays(obj)
+        name = _pick_from_mapping(self.path, arrays, self._key, "array")
+        self.what = f"array {name!r} "
+        return arrays[name]
+
+    def _open(self) -> None:
+        self._arr = self._array()
+
+    def _read(self, r0: int, r1: int) -> torch.Tensor:
         try:
             a = np.asarray(self._arr[r0:r1])
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"{self.path}: {self.what}rows {r0}..{r1} unreadable ({type(exc).__name__}: {exc})") from None
         return torch.from_numpy(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("="), copy=False)))
+
+    def _release(self) -> None:
+        self._arr = None
 
 
 def open_reader(path: str, key: Optional[str] = None) -> Reader:
@@ -409,8 +494,8 @@ def open_reader(path: str, key: Optional[str] = None) -> Reader:
             return PtReader(path, key)
         if low.endswith(HDF5_EXT):
             return Hdf5Reader(path, key)
-    except PermissionError as exc:
-        raise ValueError(f"{path}: cannot be read ({exc.strerror})") from None
+    except OSError as exc:  # permissions, too many open files, I/O errors
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     raise ValueError(f"{path}: unsupported file type {os.path.splitext(low)[1] or '(no extension)'!r}; "
                      f"supported: {', '.join(SUPPORTED_EXT)}")
 
@@ -493,6 +578,9 @@ def iter_chunks(readers: Sequence[Reader], chunk_rows: int, max_rows: Optional[i
             plan.append((r, r0, r1))
             left -= r1 - r0
             r0 = r1
+    last = {}
+    for r, _, r1 in plan:
+        last[id(r)] = r1
     q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
     done = object()
@@ -530,6 +618,8 @@ def iter_chunks(readers: Sequence[Reader], chunk_rows: int, max_rows: Optional[i
             yield r, r0, t
             del t
             r.done(r0, r0 + n)
+            if r0 + n == last[id(r)]:
+                r.close()  # at most the file being consumed and the one being prefetched stay open
     finally:
         stop.set()
         th.join()

@@ -112,8 +112,8 @@ def accumulate(source: Source, *, key: Optional[str] = None, chunk_rows: Optiona
         rows = default_chunk_rows(first.n_features, first.dtype) if chunk_rows is None else chunk_rows
         acc = GramAccumulator(first.n_features, backend=backend, num_threads=num_threads)
         want = total if max_rows is None else min(total, max_rows)
-        bar = _progress(progress, want, os.path.basename(os.fspath(source if isinstance(source, (str, os.PathLike))
-                                                                    else readers[0].path)))
+        label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else readers[0].path
+        bar = _progress(progress, want, os.path.basename(label.rstrip("/" + os.sep)) or label)
         try:
             for r, r0, t in iter_chunks(readers, rows, max_rows):
                 try:
@@ -157,12 +157,19 @@ def score(source: Source, metrics: Union[str, Sequence[str]] = DEFAULT_METRICS, 
         :class:`ScoreResult`. Bad files raise ``ValueError``/``TypeError`` naming the file.
     """
     names = parse_metrics(metrics)
+    if center is not None and not isinstance(center, bool):
+        raise TypeError(f"center must be None, True or False, got {center!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < 1):
+        raise ValueError(f"eps must be a number in [0, 1), got {eps!r}")  # checked before hours of streaming
     t0 = time.perf_counter()
     acc, (files, total, d, dtype) = accumulate(source, key=key, chunk_rows=chunk_rows, max_rows=max_rows,
                                                progress=progress, backend=backend, num_threads=num_threads)
-    want = {m: (METRICS[m] if center is None else bool(center)) for m in names}
-    spectra = {c: acc.spectrum(center=c) for c in sorted(set(want.values()))}
-    values = {m: float(_metric(spectra[c], m, eps)) for m, c in want.items()}
+    want = {m: (METRICS[m] if center is None else center) for m in names}
     src = os.fspath(source) if isinstance(source, (str, os.PathLike)) else ",".join(map(os.fspath, source))
+    try:
+        spectra = {c: acc.spectrum(center=c) for c in sorted(set(want.values()))}
+        values = {m: float(_metric(spectra[c], m, eps)) for m, c in want.items()}
+    except ValueError as exc:
+        raise ValueError(f"{src}: {exc}") from None
     return ScoreResult(src, tuple(files), acc.n_rows, total, d, dtype, values, want,
                        time.perf_counter() - t0, spectra)

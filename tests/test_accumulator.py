@@ -722,3 +722,50 @@ def test_uncentred_gram_is_exactly_symmetric():
         assert torch.equal(g, g.T)
         ref = (z - z.mean(0)) if center else z
         assert float((g - ref.T @ ref).abs().max() / (ref.T @ ref).abs().max()) <= 1e-13
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_with_autograd_history_are_not_kept(backend):
+    """acc.update(model(x)) outside no_grad must not keep the graph (memory would grow with N)."""
+    backend_or_skip(backend)
+    lin = torch.nn.Linear(12, 12).double()
+    x = torch.randn(400, 12, dtype=torch.float64)
+    acc = GramAccumulator(backend=backend)
+    for r0 in range(0, 400, 100):
+        acc.update(lin(x[r0 : r0 + 100]))
+    other = GramAccumulator(backend=backend).update(lin(x[:50]))
+    acc.merge(other)
+    assert acc._g.grad_fn is None and not acc._g.requires_grad
+    sd = acc.state_dict()
+    assert not any(t.requires_grad for t in sd.values() if isinstance(t, torch.Tensor))
+    with torch.no_grad():
+        z = torch.cat([lin(x), lin(x[:50])])
+    check_against_ref(acc.spectrum(), ref_sv(z), "autograd batches")
+
+
+def test_device_with_index_matches_batches():
+    acc = GramAccumulator(device="cpu:0")
+    z = torch.randn(50, 6, dtype=torch.float64)
+    acc.update(z)
+    assert acc.device == torch.device("cpu")
+    check_against_ref(acc.spectrum(), ref_sv(z), "cpu:0")
+
+
+def test_interrupted_update_marks_the_accumulator_broken(monkeypatch):
+    """An exception inside the kernel call (OOM, Ctrl-C) may leave part of the batch in G: the
+    accumulator must refuse further use instead of silently holding a half-added batch."""
+    from rankme_fast.backends import torch_ref
+
+    acc = GramAccumulator(backend="torch").update(torch.randn(100, 5, dtype=torch.float64))
+    real = torch_ref.gram_update
+
+    def half_then_fail(x, gram, **kw):
+        real(x[: x.shape[0] // 2], gram, **kw)
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(torch_ref, "gram_update", half_then_fail)
+    with pytest.raises(MemoryError):
+        acc.update(torch.randn(100, 5, dtype=torch.float64))
+    monkeypatch.setattr(torch_ref, "gram_update", real)
+    with pytest.raises(RuntimeError, match=r"batch 1 was interrupted \(MemoryError\)"):
+        acc.rankme()

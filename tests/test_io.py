@@ -963,3 +963,90 @@ def test_spectrum_and_metrics_of_a_path_stream(tmp_path, center):
         assert rel_err(rf.rankme(src, center=center), np_rankme(ref)) <= 1e-9
     with pytest.raises(ValueError, match=r"use method='auto' or 'gram' and precision='exact'"):
         rf.spectrum(str(d), precision="fast")
+
+
+def _npy_v3(path, x: np.ndarray) -> None:
+    """Write a format-3.0 .npy by hand (numpy writes 3.0 only for unicode field names)."""
+    head = repr({"descr": np.lib.format.dtype_to_descr(x.dtype), "fortran_order": False, "shape": x.shape})
+    pad = 64 - (len(b"\x93NUMPY") + 2 + 4 + len(head.encode()) + 1) % 64
+    body = (head + " " * pad + "\n").encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x03\x00" + struct.pack("<I", len(body)) + body + x.tobytes())
+
+
+def test_npy_format_version_3(tmp_path):
+    x = np.random.default_rng(3).standard_normal((300, 9)).astype(np.float32)
+    p = tmp_path / "v3.npy"
+    _npy_v3(p, x)
+    assert np.array_equal(np.load(p), x)  # numpy agrees the file is valid
+    assert rel_err(score(str(p), progress=False).metrics["rankme"], np_rankme(ref_sv(x).numpy())) <= 1e-9
+
+
+def test_npy_negative_shape_names_the_file(tmp_path):
+    x = np.ones((4, 8), np.float32)
+    p = tmp_path / "neg.npy"
+    np.save(p, x)
+    raw = p.read_bytes().replace(b"(4, 8)", b"(-1, 8)", 1)
+    p.write_bytes(raw)
+    with pytest.raises(ValueError, match=re.escape(str(p)) + r": corrupt header: shape \(-1, 8\)"):
+        score(str(p), progress=False)
+
+
+def test_npy_trailing_bytes_warn(tmp_path):
+    x = np.random.default_rng(4).standard_normal((40, 6)).astype(np.float32)
+    p = tmp_path / "trail.npy"
+    np.save(p, x)
+    with open(p, "ab") as f:
+        f.write(b"\0" * 96)
+    with pytest.warns(UserWarning, match=r"96 bytes after the 40 x 6 array"):
+        res = score(str(p), progress=False)
+    assert res.n_rows == 40
+    assert rel_err(res.metrics["rankme"], np_rankme(ref_sv(x).numpy())) <= 1e-9
+
+
+def test_many_shards_with_few_file_descriptors(tmp_path):
+    """Shards are opened one (or two) at a time: 300 shards score under a 64-descriptor limit."""
+    x = np.random.default_rng(5).standard_normal((1200, 7)).astype(np.float32)
+    d = tmp_path / "many"
+    d.mkdir()
+    for i, part in enumerate(np.array_split(x, 300)):
+        np.save(d / f"s{i}.npy", part)
+    code = f"""
+import resource, json, rankme_fast as rf
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+r = rf.score({str(d)!r}, progress=False, chunk_rows=3)
+print(json.dumps([r.n_rows, r.metrics["rankme"]]))
+"""
+    out = run_python(code, tmp_path)
+    n, val = json.loads(out.stdout.strip().splitlines()[-1])
+    assert n == 1200
+    assert rel_err(val, np_rankme(ref_sv(x).numpy())) <= 1e-9
+
+
+def test_nested_zarr_group(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    x = np.random.default_rng(6).standard_normal((200, 5))
+    root = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    sub = root.create_group("sub")
+    arr = sub.create_array("emb", shape=x.shape, dtype="f8") if hasattr(sub, "create_array") else \
+        sub.create_dataset("emb", shape=x.shape, dtype="f8")
+    arr[:] = x
+    want = np_rankme(ref_sv(x).numpy())
+    assert rel_err(score(str(tmp_path / "g.zarr"), progress=False).metrics["rankme"], want) <= 1e-9
+    assert rel_err(score(str(tmp_path / "g.zarr"), key="sub/emb", progress=False).metrics["rankme"], want) <= 1e-9
+
+
+def test_score_arguments_checked_before_streaming(tmp_path):
+    p = tmp_path / "a.npy"
+    np.save(p, np.ones((10, 3), np.float32))
+    with pytest.raises(TypeError, match=r"center must be None, True or False, got 'no'"):
+        score(str(p), center="no", progress=False)
+    with pytest.raises(ValueError, match=r"eps must be a number in \[0, 1\), got 2"):
+        score(str(p), eps=2, progress=False)
+
+
+def test_metric_errors_name_the_source(tmp_path):
+    p = tmp_path / "zeros.npy"
+    np.save(p, np.zeros((10, 3), np.float32))
+    with pytest.raises(ValueError, match=re.escape(str(p)) + r": .*all-zero"):
+        score(str(p), progress=False)
