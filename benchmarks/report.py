@@ -7,12 +7,17 @@ import sys
 from collections import defaultdict
 
 
+def machine_line(data: dict) -> str:
+    """One line naming the machine, versions and date of a pytest-benchmark JSON file."""
+    mi = data["machine_info"]
+    return (f"Machine: {mi.get('cpu')} ({mi.get('cores')} cores, torch threads {mi.get('torch_threads')}), "
+            f"kernel ISA {mi.get('kernel_isa')}; torch {mi.get('torch')}, rankme_fast {mi.get('rankme_fast')}, "
+            f"Python {mi.get('python_version')}; date {mi.get('date')}")
+
+
 def main(path: str) -> None:
     data = json.load(open(path))
-    mi = data["machine_info"]
-    print(f"Machine: {mi.get('cpu')} ({mi.get('cores')} cores, torch threads {mi.get('torch_threads')}), "
-          f"kernel ISA {mi.get('kernel_isa')}; torch {mi.get('torch')}, rankme_fast {mi.get('rankme_fast')}, "
-          f"Python {mi.get('python_version')}; date {mi.get('date')}\n")
+    print(machine_line(data) + "\n")
     groups = defaultdict(dict)
     extra = {}
     for b in data["benchmarks"]:

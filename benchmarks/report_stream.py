@@ -3,16 +3,17 @@
     python benchmarks/report_stream.py stream.json
 """
 import json
+import os
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import machine_line  # noqa: E402
 
 
 def main(path: str) -> None:
     data = json.load(open(path))
-    mi = data["machine_info"]
-    print(f"Machine: {mi.get('cpu')} ({mi.get('cores')} cores, torch threads {mi.get('torch_threads')}), "
-          f"kernel ISA {mi.get('kernel_isa')}; torch {mi.get('torch')}, rankme_fast {mi.get('rankme_fast')}, "
-          f"Python {mi.get('python_version')}; date {mi.get('date')}\n")
+    print(machine_line(data) + "\n")
     by = {b["name"].split("[")[0]: b["extra_info"] for b in data["benchmarks"]}
     ex = by["test_stream_vs_memory"]
     times = ex["times"]

@@ -116,7 +116,7 @@ def test_stream_vs_memory(benchmark, files, dgemm_rate):
             cpu[route].append(time.process_time() - c)  # all threads of this process
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    del x
+    x = None  # free the 8 GiB before the next test
     benchmark.extra_info.update({"n": N, "d": D, "dgemm_flops": dgemm_rate, "floor_s": N * D * D / dgemm_rate,
                                  "times": times, "cpu_times": cpu, "rankme": values})
     assert max(values.values()) - min(values.values()) <= 1e-9 * values["memory"]

@@ -21,7 +21,7 @@ def _demo(args) -> int:
     import torch
 
     import rankme_fast as rf
-    from rankme_fast.demo import make_embeddings, singular_values
+    from rankme_fast.demo import make_embeddings
     from rankme_fast.metrics import rankme as rankme_of
 
     n, d = args.rows, args.dim

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple, Union
 
-import torch
 
 from . import metrics as _m
 from ._inputs import check_all_finite

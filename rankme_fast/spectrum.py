@@ -19,7 +19,6 @@ RuntimeWarning says so. Documented bound: RankMe within 1e-2 relative (see ``FAS
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field

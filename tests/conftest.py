@@ -200,3 +200,57 @@ def run_python(code: str, tmp_path, env_extra: dict | None = None, timeout: floa
     if check:
         assert res.returncode == 0, f"subprocess failed (rc={res.returncode}):\nSTDOUT:\n{res.stdout}\nSTDERR:\n{res.stderr}"
     return res
+
+
+# ----------------------------------------------------------------------------------------------
+# metric references for the streaming tests (DESIGN §2 formulas in NumPy float64)
+
+# each metric's reference centring (DESIGN §2), written out here independently of the package
+REF_CENTER = {"rankme": False, "effective_rank": False, "stable_rank": False, "collapse_auc": True,
+              "alpha_req": True, "participation_ratio": True, "nesum": True}
+
+
+def powerlaw_matrix(n: int, d: int, seed: int = 0, offset: float = 0.5) -> np.ndarray:
+    """float64 (n, d): Gaussian rows with a power-law spectrum (σ_k ∝ k^-0.7) in a random basis, plus
+    a common mean so the centred and uncentred spectra differ."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    g = rng.standard_normal((n, d)) * np.arange(1, d + 1, dtype=np.float64) ** -0.7
+    return g @ q + offset * rng.standard_normal(d)
+
+
+def np_metric(s, name: str, eps: float = 1e-7) -> float:
+    """One DESIGN §2 metric from descending singular values, NumPy float64."""
+    s = np.asarray(s, dtype=np.float64)
+    lam = s**2  # λ ∝ σ²; every λ-metric below is scale invariant
+    if name == "rankme":
+        return np_rankme(s, eps)
+    if name == "effective_rank":
+        return np_rankme(s, 0.0)
+    if name == "collapse_auc":
+        return float(np.mean(np.cumsum(s) / s.sum()))
+    if name == "stable_rank":
+        return float(lam.sum() / lam[0])
+    if name == "participation_ratio":
+        return float(lam.sum() ** 2 / (lam**2).sum())
+    if name == "nesum":
+        return float(lam.sum() / lam.max())
+    if name == "alpha_req":
+        hi = min(100, len(s))
+        i = np.arange(5, hi + 1, dtype=np.float64)
+        return float(np.polyfit(-np.log(i), np.log(lam[4:hi]), 1)[0])
+    raise KeyError(name)
+
+
+def ref_metrics(x, names=tuple(REF_CENTER), center=None, eps: float = 1e-7) -> dict:
+    """Reference value of each metric for data ``x`` (NumPy or torch, any float dtype), centred by the
+    metric's reference convention (center=None) or as forced."""
+    x = torch.as_tensor(np.asarray(x, dtype=np.float64)) if isinstance(x, np.ndarray) else x
+    sv = {}
+    out = {}
+    for m in names:
+        c = REF_CENTER[m] if center is None else center
+        if c not in sv:
+            sv[c] = ref_sv(x, center=c).numpy()
+        out[m] = np_metric(sv[c], m, eps)
+    return out

@@ -9,7 +9,6 @@ import re
 import struct
 import threading
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import torch
 import rankme_fast as rf
 from rankme_fast import io as rio
 from rankme_fast.scoring import METRICS, score
-from tests.conftest import np_rankme, ref_sv, rel_err, run_python
+from tests.conftest import np_metric, np_rankme, powerlaw_matrix, ref_metrics, ref_sv, rel_err, run_python
 
 N, D = 3000, 48
 TOL64 = 1e-9  # float64 data: the Gram route is float64-exact, far inside this
@@ -32,51 +31,7 @@ PREFETCH_THREAD = "rankme_fast-prefetch"
 
 
 def make_x(n: int = N, d: int = D, seed: int = 0, offset: float = 0.5) -> np.ndarray:
-    """float64 (n, d): Gaussian rows with a power-law spectrum (σ_k ∝ k^-0.7) in a random basis, plus
-    a common mean so the centred and uncentred spectra differ."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    g = rng.standard_normal((n, d)) * np.arange(1, d + 1, dtype=np.float64) ** -0.7
-    return g @ q + offset * rng.standard_normal(d)
-
-
-def _metric_from_sv(s: np.ndarray, name: str, eps: float = 1e-7) -> float:
-    """DESIGN §2 formulas, in NumPy float64, from descending singular values."""
-    s = np.asarray(s, dtype=np.float64)
-    lam = s**2  # λ ∝ σ²; every λ-metric below is scale invariant
-    if name == "rankme":
-        return np_rankme(s, eps)
-    if name == "effective_rank":
-        p = s / s.sum()
-        p = p[p > 0]
-        return float(np.exp(-(p * np.log(p)).sum()))
-    if name == "collapse_auc":
-        return float(np.mean(np.cumsum(s) / s.sum()))
-    if name == "stable_rank":
-        return float(lam.sum() / lam[0])
-    if name == "participation_ratio":
-        return float(lam.sum() ** 2 / (lam**2).sum())
-    if name == "nesum":
-        return float(lam.sum() / lam.max())
-    if name == "alpha_req":
-        hi = min(100, len(s))
-        i = np.arange(5, hi + 1, dtype=np.float64)
-        return float(np.polyfit(-np.log(i), np.log(lam[4:hi]), 1)[0])
-    raise KeyError(name)
-
-
-def ref_metrics(x, names=ALL, center=None, eps: float = 1e-7) -> dict:
-    """Reference value of each metric for data ``x`` (NumPy or torch, any float dtype), centred by the
-    metric's reference convention (center=None) or as forced."""
-    x = torch.as_tensor(np.asarray(x, dtype=np.float64)) if isinstance(x, np.ndarray) else x
-    sv = {}
-    out = {}
-    for m in names:
-        c = METRICS[m] if center is None else center
-        if c not in sv:
-            sv[c] = ref_sv(x, center=c).numpy()
-        out[m] = _metric_from_sv(sv[c], m, eps)
-    return out
+    return powerlaw_matrix(n, d, seed, offset)
 
 
 def assert_metrics(res, x, tol, names=None, center=None, eps=1e-7):
@@ -534,7 +489,7 @@ def test_max_rows_across_shards_in_natural_order(shard_dir, x64, max_rows):
     want = ref_sv(x64[:n]).numpy()
     assert want.shape == (min(n, D),)
     assert rel_err(res.metrics["rankme"], np_rankme(want)) <= (TOL64 if n >= D else 1e-6)
-    assert rel_err(res.metrics["stable_rank"], _metric_from_sv(want, "stable_rank")) <= TOL64
+    assert rel_err(res.metrics["stable_rank"], np_metric(want, "stable_rank")) <= TOL64
 
 
 def test_mixed_formats_in_one_directory(tmp_path, x64, ref64):

@@ -17,7 +17,7 @@ import torch
 import rankme_fast
 from rankme_fast.cli import main
 from rankme_fast.scoring import METRICS
-from tests.conftest import np_rankme, ref_sv, rel_err
+from tests.conftest import np_rankme, powerlaw_matrix, ref_metrics, ref_sv, rel_err
 
 N, D = 2000, 40
 ALL = tuple(METRICS)
@@ -25,40 +25,11 @@ PRINTED = 5.1e-7  # the table prints 6 decimals
 
 
 def make_x(n: int = N, d: int = D, seed: int = 0, offset: float = 0.5) -> np.ndarray:
-    """float64 (n, d) with a power-law spectrum in a random basis plus a common mean (so centring matters)."""
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    g = rng.standard_normal((n, d)) * np.arange(1, d + 1, dtype=np.float64) ** -0.7
-    return g @ q + offset * rng.standard_normal(d)
-
-
-def metric_from_sv(s: np.ndarray, name: str, eps: float = 1e-7) -> float:
-    """DESIGN §2 formulas in NumPy float64 (σ descending)."""
-    s = np.asarray(s, dtype=np.float64)
-    lam = s**2
-    if name == "rankme":
-        return np_rankme(s, eps)
-    if name == "effective_rank":
-        return np_rankme(s, 0.0)
-    if name == "collapse_auc":
-        return float(np.mean(np.cumsum(s) / s.sum()))
-    if name == "stable_rank":
-        return float(lam.sum() / lam[0])
-    if name == "participation_ratio":
-        return float(lam.sum() ** 2 / (lam**2).sum())
-    if name == "nesum":
-        return float(lam.sum() / lam.max())
-    if name == "alpha_req":
-        hi = min(100, len(s))
-        i = np.arange(5, hi + 1, dtype=np.float64)
-        return float(np.polyfit(-np.log(i), np.log(lam[4:hi]), 1)[0])
-    raise KeyError(name)
+    return powerlaw_matrix(n, d, seed, offset)
 
 
 def ref(x, names=ALL, center=None, eps: float = 1e-7) -> dict:
-    x = torch.as_tensor(np.asarray(x, dtype=np.float64)) if isinstance(x, np.ndarray) else x
-    sv = {c: ref_sv(x, center=c).numpy() for c in (False, True)}
-    return {m: metric_from_sv(sv[METRICS[m] if center is None else center], m, eps) for m in names}
+    return ref_metrics(x, names, center=center, eps=eps)
 
 
 def parse_table(out: str):
