@@ -42,16 +42,24 @@ def _column_means(x: torch.Tensor) -> torch.Tensor:
     return out / n
 
 
+def shift_for(mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The centring shift actually used: the float64 mean rounded to the input's dtype. Any shift
+    near the mean avoids cancellation (the remainder is removed exactly); one representable in the
+    input's dtype also keeps x − s exactly representable in few bits, which the integer-slicing GPU
+    kernel needs to stay error-free on shifted data."""
+    return mean.to(dtype).to(torch.float64) if dtype != torch.float64 else mean
+
+
 def exact_gram(
     x: torch.Tensor, *, center: bool, backend: Optional[str] = None, num_threads: Optional[int] = None
 ) -> GramResult:
     """Float64-exact Gram of a validated 2-D tensor ``x`` (N×d)."""
     n, d = x.shape
-    be = backends.select(backend, x.device)
+    be = backends.select(backend, x.device, dtype=x.dtype, shape=(n, d))
     transposed = n < d
     v = x.T if transposed else x
     k = v.shape[1]
-    size = backends.cpu.padded(k) if be is backends.cpu else k
+    size = be.padded(k)
     g = torch.zeros(size, size, dtype=torch.float64, device=x.device)
     if not center:
         be.gram_update(v, g, num_threads=num_threads)
@@ -59,7 +67,7 @@ def exact_gram(
         mu = _column_means(x)  # one value per row of v
         be.gram_update(v, g, row_shift=mu, num_threads=num_threads)
     else:
-        shift = x[: min(n, SHIFT_ROWS)].to(torch.float64).mean(0)
+        shift = shift_for(x[: min(n, SHIFT_ROWS)].to(torch.float64).mean(0), x.dtype)
         csum = torch.zeros(k, dtype=torch.float64, device=x.device)
         be.gram_update(v, g, col_sum=csum, col_shift=shift, num_threads=num_threads)
         g[:k, :k].sub_(torch.outer(csum, csum), alpha=1.0 / n)
@@ -74,6 +82,10 @@ def fast_gram(x: torch.Tensor, *, center: bool, basis: Optional[torch.Tensor] = 
     rounding than ``xᵀx`` itself.
     """
     n, d = x.shape
+    if basis is None and x.is_cuda:
+        res = _fast_gram_gpu(x, center=center)
+        if res is not None:
+            return res
     transposed = n < d
     v = x.T if transposed else x
     rows, k = v.shape
@@ -105,15 +117,52 @@ def fast_gram(x: torch.Tensor, *, center: bool, basis: Optional[torch.Tensor] = 
     return GramResult(g, n, d, transposed, "torch-fp32")
 
 
+def _fast_gram_gpu(x: torch.Tensor, *, center: bool) -> Optional[GramResult]:
+    """First fast pass on a GPU kernel (Triton / CUDA, tensor cores, fp32 accumulators flushed to
+    float64); None when no GPU backend can run, so the caller falls back to chunked sgemm."""
+    n, d = x.shape
+    be = None
+    for name in backends.gpu_order(x.dtype, (n, d), "fast"):
+        mod = backends.BACKENDS[name]
+        if name != "torch" and mod.available(x.device)[0]:
+            be = mod
+            break
+    if be is None:
+        return None
+    transposed = n < d
+    v = x.T if transposed else x
+    k = v.shape[1]
+    amax = float(v.abs().max())
+    if not math.isfinite(amax):
+        return GramResult(torch.full((k, k), math.nan, dtype=torch.float64, device=x.device), n, d, transposed,
+                          be.NAME + "-fast")
+    # power of two keeping squares (times rows) inside float32's range
+    scale = 2.0 ** -math.floor(math.log2(amax)) if amax > 0 else 1.0
+    g = torch.zeros(be.padded(k), be.padded(k), dtype=torch.float64, device=x.device)
+    if not center:
+        be.gram_update(v, g, precision="fast", scale=scale)
+    elif transposed:
+        be.gram_update(v, g, row_shift=_column_means(x), precision="fast", scale=scale)
+    else:
+        shift = shift_for(x[: min(n, SHIFT_ROWS)].to(torch.float64).mean(0), x.dtype)
+        csum = torch.zeros(k, dtype=torch.float64, device=x.device)
+        be.gram_update(v, g, col_sum=csum, col_shift=shift, precision="fast", scale=scale)
+        g[:k, :k].sub_(torch.outer(csum, csum), alpha=1.0 / n)
+    return GramResult(_sym_upper(g[:k, :k]), n, d, transposed, be.NAME + "-fast")
+
+
 def eigvals_desc(g: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of a symmetric float64 matrix (upper triangle read), descending, negatives clamped to 0."""
     if g.dtype != torch.float64:
         g = g.to(torch.float64)
     try:
         lam = torch.linalg.eigvalsh(g, UPLO="U")
-    except RuntimeError:
+        failed = g.device.type != "cpu" and not bool(torch.isfinite(lam).all()) and bool(torch.isfinite(g).all())
+    except RuntimeError:  # torch.linalg.LinAlgError included (cuSOLVER syevd fails on some low-rank input)
         if g.device.type == "cpu":
             raise
+        failed = True
+    if failed:
         warnings.warn("GPU eigensolver failed; retrying on the CPU in float64", RuntimeWarning, stacklevel=2)
         lam = torch.linalg.eigvalsh(g.cpu(), UPLO="U").to(g.device)
     return lam.flip(-1).clamp_min(0.0)
@@ -212,11 +261,12 @@ class GramAccumulator:
             raise RuntimeError(f"this GramAccumulator is unusable after an earlier error ({self._broken}); "
                                "create a new one (or load_state_dict from a checkpoint)")
 
-    def _allocate(self, d: int, device: torch.device) -> None:
+    def _allocate(self, d: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
         self._d = d
         self._device = device
-        self._be = backends.select(self._backend_name, device)
-        size = backends.cpu.padded(d) if self._be is backends.cpu else d
+        # a stream's length is unknown: choose as for a large problem of this d
+        self._be = backends.select(self._backend_name, device, dtype=dtype, shape=(1 << 30, d))
+        size = self._be.padded(d)
         self._g = torch.zeros(size, size, dtype=torch.float64, device=device)
         self._csum = torch.zeros(d, dtype=torch.float64, device=device)
         self._shift = torch.zeros(d, dtype=torch.float64, device=device)
@@ -264,13 +314,13 @@ class GramAccumulator:
             raise ValueError(f"{name}: is on {t.device} but the accumulator lives on {self._device}; "
                              "move the batch (or create the accumulator with device=...)")
         if self._g is None:
-            self._allocate(d, t.device)
+            self._allocate(d, t.device, t.dtype)
         self.n_batches += 1
         if rows == 0:
             return self
         try:  # all or nothing: an interruption mid-batch (OOM, Ctrl-C) must not leave a half-added batch
             if self.n_rows == 0:
-                self._shift.copy_(t[: min(rows, SHIFT_ROWS)].to(torch.float64).mean(0))
+                self._shift.copy_(shift_for(t[: min(rows, SHIFT_ROWS)].to(torch.float64).mean(0), t.dtype))
             kw = {"num_threads": self._num_threads} if self._be is backends.cpu else {}
             self._be.gram_update(t, self._g, col_sum=self._csum, col_shift=self._shift, **kw)
             self.n_rows += rows

@@ -154,7 +154,7 @@ def _fast_spectrum(x: torch.Tensor, center: bool):
     res = fast_gram(x, center=center)
     g = res.gram
     if not bool(torch.isfinite(g).all()):
-        return None, "torch-fp32", ()
+        return None, res.backend, ()
     lam, vecs = torch.linalg.eigh(g)
     lam = lam.flip(-1)
     vecs = vecs.flip(-1)
@@ -171,7 +171,7 @@ def _fast_spectrum(x: torch.Tensor, center: bool):
         )
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
         notes = (msg,)
-    return lam.clamp_min(0.0).sqrt(), "torch-fp32", notes
+    return lam.clamp_min(0.0).sqrt(), res.backend, notes
 
 
 def spectrum(
@@ -191,7 +191,9 @@ def spectrum(
         center: subtract the column mean first (per batch item for 3-D input).
         method: "auto" | "svd" | "gram" (see module docstring).
         precision: "exact" | "fast".
-        backend: Gram backend, "auto" | "cpu" | "torch" (default: ``RANKME_FAST_BACKEND`` or auto).
+        backend: Gram backend, "auto" | "cpu" | "cuda" | "triton" | "torch" (default:
+            ``RANKME_FAST_BACKEND`` or auto: the native CPU kernel for CPU tensors, the measured-best
+            GPU kernel for CUDA tensors — see :mod:`rankme_fast.backends`).
 
     Raises:
         TypeError / ValueError for invalid input (DESIGN §6), including NaN/Inf (count and first row).

@@ -1,21 +1,36 @@
 """Backend registry: which implementation of the Gram update runs.
 
-Each backend implements the same op (``gram_update``, see :mod:`rankme_fast.backends.torch_ref`); the
-pure-torch one is both the universal fallback and the oracle in tests. ``backend="auto"`` (or unset)
-picks from the device and what was built, quietly falling back; an explicit name — argument or the
-``RANKME_FAST_BACKEND`` environment variable — raises if that backend cannot run.
+Each backend implements the same op (``gram_update``, see :mod:`rankme_fast.backends.torch_ref`) and
+says how large its Gram buffer must be (``padded``); the pure-torch one is both the universal fallback
+and the oracle in tests. ``backend="auto"`` (or unset) picks from the device, dtype, problem size and
+what was built, quietly falling back: CPU tensors -> the native ``cpu`` kernel; CUDA tensors -> the
+order in ``dispatch.json`` (rewritten from GPU benchmark measurements), with problems below its
+``min_work`` (N·d² multiply-adds) left to torch, where a kernel launch or a Triton compile would cost
+more than it saves. An explicit name — argument or the ``RANKME_FAST_BACKEND`` environment variable
+— raises if that backend cannot run.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import cpu, torch_ref
+from . import cpu, cuda, torch_ref, triton_gpu
 
-BACKENDS = {"torch": torch_ref, "cpu": cpu}
+BACKENDS = {"torch": torch_ref, "cpu": cpu, "cuda": cuda, "triton": triton_gpu}
 ENV_VAR = "RANKME_FAST_BACKEND"
+_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+
+
+@functools.lru_cache(maxsize=1)
+def dispatch_table() -> dict:
+    """The GPU preference table (``dispatch.json`` next to this file)."""
+    return json.loads((Path(__file__).with_name("dispatch.json")).read_text())
 
 
 def _explicit(name: str, device: torch.device):
@@ -28,13 +43,33 @@ def _explicit(name: str, device: torch.device):
     return mod
 
 
-def select(name: Optional[str], device: torch.device):
+def gpu_order(dtype: Optional[torch.dtype], shape: Optional[tuple], precision: str = "exact") -> list:
+    """Backend names to try, best first, for a CUDA tensor of ``dtype``/``shape`` (rows, cols)."""
+    table = dispatch_table()
+    if shape is not None:
+        rows, cols = shape[-2], shape[-1]
+        k, m = (rows, cols) if rows >= cols else (cols, rows)  # the Gram is min(N, d)-sized
+        if k * m * m < float(table.get("min_work", 0)):
+            return ["torch"]
+    order = table["order"][precision if precision in table["order"] else "exact"]
+    return list(order.get(_DTYPE_NAMES.get(dtype, "float32"), order["float32"]))
+
+
+def select(name: Optional[str], device: torch.device, *, dtype: Optional[torch.dtype] = None,
+           shape: Optional[tuple] = None, precision: str = "exact"):
     """Return the backend module for ``device``; ``name`` None/'auto' consults ``RANKME_FAST_BACKEND``."""
     if name in (None, "auto"):
         env = os.environ.get(ENV_VAR, "").strip().lower()
         if env and env != "auto":
             return _explicit(env, device)
-        if cpu.available(device)[0]:
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            for cand in gpu_order(dtype, shape, precision):
+                mod = BACKENDS[cand]
+                if mod.available(dev)[0]:
+                    return mod
+            return torch_ref
+        if cpu.available(dev)[0]:
             return cpu
         return torch_ref
     return _explicit(name, device)

@@ -17,6 +17,10 @@ def available(device: torch.device):
     return True, ""
 
 
+def padded(n: int) -> int:
+    return n
+
+
 def gram_update(
     x: torch.Tensor,
     gram: torch.Tensor,
@@ -24,8 +28,11 @@ def gram_update(
     col_sum: Optional[torch.Tensor] = None,
     row_shift: Optional[torch.Tensor] = None,
     col_shift: Optional[torch.Tensor] = None,
-    num_threads: Optional[int] = None,
+    num_threads: Optional[int] = None,  # noqa: ARG001 - uniform signature
+    precision: str = "exact",
 ) -> None:
+    if precision != "exact":
+        raise ValueError(f"the torch backend computes the exact float64 Gram only (precision={precision!r})")
     rows, cols = x.shape
     step = max(1, CHUNK_ELEMS // max(cols, 1))
     g = gram[:cols, :cols]

@@ -1,0 +1,448 @@
+"""GPU Gram kernels (issue 4): the Triton kernels against float64 torch and their pure-torch twin, the
+DESIGN §3 contract through the public API, the CUDA C++ module, dispatch and DLPack.
+
+Without a GPU the Triton kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (set below, before
+anything imports the kernels; small shapes, large tiles). With a GPU the same tests run on it. The
+CUDA C++ kernels cannot run without a GPU: those tests skip with that reason, and a separate test
+checks that the module was compiled wherever nvcc exists.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import torch
+
+HAVE_GPU = torch.cuda.is_available()
+if not HAVE_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any import of the kernels
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import rankme_fast as rf  # noqa: E402
+from rankme_fast import backends  # noqa: E402
+from rankme_fast.backends import triton_gpu  # noqa: E402
+from rankme_fast.kernels import slices  # noqa: E402
+from tests.conftest import DTYPE_IDS, build, np_rankme, ref_sv, run_python  # noqa: E402
+
+DEV = torch.device("cuda" if HAVE_GPU else "cpu")
+needs_triton = pytest.mark.skipif(triton_gpu.load() is None, reason=f"triton not importable: {triton_gpu._error}")
+needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="no CUDA GPU on this machine (CUDA C++ kernels cannot run)")
+
+
+def _tg():
+    return triton_gpu.load()
+
+
+def _data(rows, cols, dtype, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed * 7919 + rows * 31 + cols)
+    x = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    x = x * torch.logspace(0, -2, cols, dtype=torch.float64)  # columns of different scales
+    if rows > 3:
+        x[rows // 3] *= 50.0  # an outlier row: the chunk maxima are not the typical values
+    return (x + offset).to(dtype).to(DEV)
+
+
+def _v(x, row_shift, col_shift):
+    v = x.to(torch.float64)
+    if row_shift is not None:
+        v = v - row_shift[:, None]
+    if col_shift is not None:
+        v = v - col_shift[None, :]
+    return v
+
+
+def _run(x, mode, row_shift=None, col_shift=None, want_csum=True, **kw):
+    cols = x.shape[1]
+    p = _tg().padded(cols)
+    g = torch.zeros(p, p, dtype=torch.float64, device=x.device)
+    cs = torch.zeros(cols, dtype=torch.float64, device=x.device) if want_csum else None
+    _tg().gram_update(x, g, col_sum=cs, row_shift=row_shift, col_shift=col_shift, mode=mode, **kw)
+    return g, cs
+
+
+SHAPES = [(1, 1), (37, 5), (300, 70), (5, 130), (131, 129)]
+SHIFTS = ["none", "col", "row"]
+
+
+def _shifts(x, which):
+    rows, cols = x.shape
+    if which == "col":
+        return None, x[: min(rows, 50)].to(torch.float64).mean(0)
+    if which == "row":
+        return x.to(torch.float64).mean(1), None
+    return None, None
+
+
+@needs_triton
+@pytest.mark.parametrize("shift", SHIFTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mode", ["int8", "fp64", "fast"])
+def test_triton_gram_tiles(mode, dtype, shape, shift):
+    """Upper tiles of G and the column sums against float64 torch, with a per-mode error bound."""
+    if shift == "row" and shape not in ((37, 5), (5, 130)):
+        pytest.skip("row shifts: two shapes suffice")
+    x = _data(*shape, dtype, offset=3.0 if shift != "none" else 0.0)
+    rs, cs = _shifts(x, shift)
+    g, csum = _run(x, mode, row_shift=rs, col_shift=cs)
+    cols = shape[1]
+    v = _v(x, rs, cs)
+    ref = v.T @ v
+    av = v.abs()
+    got = g[:cols, :cols]
+    upper = torch.triu(torch.ones(cols, cols, dtype=torch.bool, device=x.device))
+    err = (got - ref).abs()[upper]
+    if mode == "fp64":
+        bound = (4 * (shape[0] + 2) * 2.0**-53 * (av.T @ av))[upper]
+    elif mode == "int8":
+        # |X̃ − X| ≤ 2^-7S · (column max) per entry, S from the dtype (4 when a shift is not representable)
+        s_eff = slices.MAX_SLICES if (dtype == torch.float32 or dtype == torch.float64 or shift != "none") else 3
+        m = av.amax(0)
+        d = 2.0 ** (-7 * s_eff) * m
+        bound = ((d[:, None] * av.sum(0)[None, :] + av.sum(0)[:, None] * d[None, :]) * 1.01
+                 + shape[0] * d[:, None] * d[None, :] + 8 * (shape[0] + 2) * 2.0**-53 * (av.T @ av))[upper]
+    else:
+        bound = (2.0**-20 * (av.T @ av) + 1e-300)[upper]  # fp32 products and accumulation (tf32x3 on a GPU)
+    assert bool((err <= bound).all()), f"max err/bound {float((err / bound).max()):.3g}"
+    # untouched: tiles below the diagonal stay zero, padding stays zero
+    p = g.shape[0]
+    bm = 64 if triton_gpu.interpreting() else 128
+    for ti in range(p // bm):
+        for tj in range(ti):
+            assert float(g[ti * bm:(ti + 1) * bm, tj * bm:(tj + 1) * bm].abs().max()) == 0.0
+    assert float(g[cols:, :].abs().max() if p > cols else 0.0) == 0.0
+    cs_ref = v.sum(0)
+    assert torch.allclose(csum, cs_ref, rtol=0, atol=1e-12 * float(av.sum(0).max()) + 1e-300)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_triton_int8_matches_twin(dtype, monkeypatch):
+    """The int8 kernel computes exactly the scheme of its pure-torch twin (several exponent chunks)."""
+    monkeypatch.setattr(_tg(), "SLICE_ROWS", 96)
+    x = _data(300, 70, dtype, seed=3)
+    shift = x[:50].to(torch.float64).mean(0).to(dtype).to(torch.float64)  # representable: S = 3 for bf16
+    g, cs = _run(x, "int8", col_shift=shift)
+    s = 4 if dtype == torch.float32 else 3
+    twin = torch.zeros(70, 70, dtype=torch.float64, device=x.device)
+    tcs = torch.zeros(70, dtype=torch.float64, device=x.device)
+    slices.gram_update(x, twin, col_sum=tcs, col_shift=shift, slices=s, chunk_rows=96)
+    got = torch.triu(g[:70, :70])
+    assert torch.allclose(got, torch.triu(twin), rtol=1e-14, atol=1e-14 * float(twin.abs().max()))
+    assert torch.allclose(cs, tcs, rtol=1e-14, atol=1e-14 * float(tcs.abs().max()))
+
+
+def test_twin_digits_reconstruct():
+    """Digit definition: t = Σ D_s 2^-(6+7s) + ρ with |ρ| ≤ 2^-7S, |D| ≤ 64 (so int8 and int32-exact)."""
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(500, 9, generator=g, dtype=torch.float64) * torch.logspace(-30, 30, 9, dtype=torch.float64)
+    v[:, 3] = 0.0
+    e = slices.column_exponents(v)
+    assert bool((v.abs().amax(0) < torch.ldexp(torch.ones(9, dtype=torch.float64), e.double())).all())
+    for s in (1, 2, 3, 4):
+        dg = slices.digits(v, e, s)
+        assert float(dg.abs().max()) <= 64
+        w = 2.0 ** -(slices.FIRST_SHIFT + slices.DIGIT_BITS * torch.arange(s, dtype=torch.float64))
+        t = torch.ldexp(v, (-e).double()[None, :])
+        rec = (dg * w[:, None, None]).sum(0)
+        assert float((rec - t).abs().max()) <= 2.0 ** (-7 * s)
+
+
+@pytest.mark.parametrize("s,kind", [(4, "rank1"), (4, "power2"), (3, "rank8")])
+def test_twin_scheme_contract(s, kind, matrices):
+    """The slicing scheme itself (float64 emulation, no kernel) meets DESIGN §3 on collapsed spectra at
+    a size where a float32 Gram fails: float32 input needs S = 4, bfloat16 input S = 3."""
+    dtype = torch.float32 if s == 4 else torch.bfloat16
+    x = matrices.get(kind, (4000, 256), dtype)
+    g = torch.zeros(256, 256, dtype=torch.float64)
+    slices.gram_update(x, g, slices=s)
+    sv = torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt()
+    ref = matrices.ref(kind, (4000, 256), dtype)
+    assert abs(np_rankme(sv.numpy()) - np_rankme(ref.numpy())) / np_rankme(ref.numpy()) < 1e-4
+    assert float((sv - ref).abs().max() / ref[0]) < 1e-6
+
+
+CONTRACT_SPECTRA = ["flat", "rank1", "rank8", "power2", "exp", "rank8_noise", "repeated_rows"]
+
+
+@needs_triton
+@pytest.mark.parametrize("center", [False, True], ids=["raw", "centred"])
+@pytest.mark.parametrize("shape", [(700, 64), (300, 130), (40, 200)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("kind", CONTRACT_SPECTRA)
+def test_triton_exact_contract(matrices, kind, dtype, shape, center):
+    """DESIGN §3 exact contract through rf.spectrum(backend='triton'), collapsed spectra included."""
+    if shape != (700, 64) and kind not in ("rank1", "power2", "repeated_rows"):
+        pytest.skip("odd shapes: three spectra suffice")
+    x = matrices.get(kind, shape, dtype, offset=2.0 if center else 0.0).to(DEV)
+    s = rf.spectrum(x, center=center, backend="triton")
+    assert s.backend == "triton" and s.exact
+    ref = ref_sv(x.cpu(), center=center)
+    sv = s.singular_values.cpu()
+    assert float((sv - ref).abs().max() / ref[0]) < 1e-6
+    want = np_rankme(ref.numpy())
+    assert abs(s.rankme() - want) / want < 1e-4
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["int8", "fp64"])
+def test_triton_mode_env(monkeypatch, mode, matrices):
+    monkeypatch.setenv(triton_gpu.MODE_ENV, mode)
+    x = matrices.get("rank8", (500, 40), torch.float32).to(DEV)
+    ref = ref_sv(x.cpu())
+    got = rf.rankme(x, backend="triton")
+    assert abs(got - np_rankme(ref.numpy())) / np_rankme(ref.numpy()) < 1e-4
+    monkeypatch.setenv(triton_gpu.MODE_ENV, "int4")
+    with pytest.raises(ValueError, match="RANKME_FAST_TRITON_MODE"):
+        rf.rankme(x, backend="triton")
+
+
+@needs_triton
+def test_triton_accumulator_matches_torch(matrices):
+    """Streaming through the Triton backend: several batches, both conventions, vs the torch backend."""
+    x = matrices.get("power1", (900, 70), torch.float32, offset=1.5).to(DEV)
+    a, b = rf.GramAccumulator(backend="triton"), rf.GramAccumulator(backend="torch")
+    for r0 in range(0, 900, 250):
+        a.update(x[r0:r0 + 250])
+        b.update(x[r0:r0 + 250])
+    assert a.backend == "triton"
+    for center in (False, True):
+        ga, gb = a.gram(center), b.gram(center)
+        assert torch.allclose(ga, gb, rtol=0, atol=1e-7 * float(gb.abs().max()))
+        assert abs(a.spectrum(center).rankme() - b.spectrum(center).rankme()) < 1e-6
+
+
+@needs_triton
+def test_triton_fast_scale_and_bound(matrices):
+    """Fast mode: a power-of-two scale keeps tiny inputs out of float32 underflow, divided out exactly."""
+    x = (matrices.get("power1", (200, 40), torch.float64) * 1e-30).to(torch.float32).to(DEV)
+    g, _ = _run(x, "fast", want_csum=False, scale=2.0**100)
+    v = x.to(torch.float64)
+    ref = v.T @ v
+    got = torch.triu(g[:40, :40])
+    assert float((got - torch.triu(ref)).abs().max() / ref.abs().max()) < 1e-6
+    g0, _ = _run(x, "fast", want_csum=False)  # unscaled: the squares underflow float32
+    assert float(g0.abs().max()) < 1e-3 * float(ref.abs().max())
+
+
+@needs_triton
+def test_triton_bad_arguments():
+    x = _data(10, 5, torch.float32)
+    g = torch.zeros(5, 5, dtype=torch.float64, device=DEV)
+    with pytest.raises(ValueError, match="gram must be a contiguous float64"):
+        _tg().gram_update(x, g)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        _tg().gram_update(x, torch.zeros(128, 128, dtype=torch.float64, device=DEV), mode="int4")
+    with pytest.raises(ValueError, match="col_shift: need a contiguous float64 vector of length 5"):
+        triton_gpu.gram_update(x, torch.zeros(128, 128, dtype=torch.float64, device=DEV),
+                               col_shift=torch.zeros(4, dtype=torch.float64, device=DEV))
+    with pytest.raises(ValueError, match="precision must be"):
+        triton_gpu.gram_update(x, torch.zeros(128, 128, dtype=torch.float64, device=DEV), precision="tf32")
+
+
+# ------------------------------------------------------------------------------------------------
+# compilation for a Hopper target (no GPU needed: Triton's own ptxas)
+
+
+COMPILE_SCRIPT = r"""
+import json, os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rankme_fast.kernels.triton import gram as k
+tgt = GPUTarget("cuda", 90, 32)
+def comp(fn, sig, consts):
+    sig = dict(sig, **{c: "constexpr" for c in consts})
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=tgt).asm["ptx"]
+out = {}
+ptx = comp(k._gram_int8_kernel, {"dig_ptr": "*i8", "inv_scale_ptr": "*fp64", "ti_ptr": "*i32", "tj_ptr": "*i32",
+           "out_ptr": "*fp64", "rows_pad": "i32", "cols_pad": "i32", "k_per_prog": "i32"},
+           {"SLICES": 4, "BM": 128, "BK": 64})
+out["int8"] = ("wgmma" in ptx and ".s8" in ptx, "mma" in ptx)
+xs = {"x_ptr": "*bf16", "stride_r": "i64", "stride_c": "i64", "n_rows": "i32", "n_cols": "i32",
+      "rs_ptr": "*fp64", "cs_ptr": "*fp64"}
+ptx = comp(k._digits_kernel, dict(xs, inv_scale_ptr="*fp64", dig_ptr="*i8", rows_pad="i32", cols_pad="i32"),
+           {"HAS_RS": False, "HAS_CS": True, "SLICES": 3, "BR": 64, "BC": 64})
+out["digits"] = (True, "cvt" in ptx)
+ptx = comp(k._colstats_kernel, dict(xs, max_ptr="*fp64", sum_ptr="*fp64", rows_per_prog="i32"),
+           {"HAS_RS": False, "HAS_CS": True, "BR": 64, "BC": 64})
+out["colstats"] = (True, True)
+fsig = dict(xs, scale="fp32", ti_ptr="*i32", tj_ptr="*i32", out_ptr="*fp64", csum_ptr="*fp64", rows_per_prog="i32")
+for name, x_t, consts in (
+        ("fast_bf16", "*bf16", {"MODE": 0, "NATIVE16": True, "IN_PREC": "tf32x3"}),
+        ("fast_f32", "*fp32", {"MODE": 0, "NATIVE16": False, "IN_PREC": "tf32x3"}),
+        ("fp64", "*fp32", {"MODE": 1, "NATIVE16": False, "IN_PREC": "tf32x3"})):
+    c = dict(consts, HAS_RS=False, HAS_CS=False, WANT_CSUM=True, BM=128, BK=32 if name == "fp64" else 64,
+             FOLD=1 if name == "fp64" else 16)
+    ptx = comp(k._gram_float_kernel, dict(fsig, x_ptr=x_t), c)
+    out[name] = ("wgmma" in ptx or "mma" in ptx, "mma" in ptx or "fma.rn.f64" in ptx)
+print(json.dumps(out))
+"""
+
+
+def _can_compile_cuda() -> str:
+    try:
+        import triton  # noqa: F401, PLC0415
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401, PLC0415
+    except Exception as exc:  # noqa: BLE001
+        return f"Triton's CUDA backend is not importable: {exc}"
+    return ""
+
+
+@needs_triton
+def test_triton_kernels_compile_for_hopper(tmp_path):
+    """Every kernel configuration the launcher uses lowers to sm_90 PTX; the int8 Gram uses wgmma s8."""
+    why = _can_compile_cuda()
+    if why:
+        pytest.skip(why)
+    import json  # noqa: PLC0415
+
+    res = run_python(COMPILE_SCRIPT, tmp_path, env_extra={"TRITON_DEFAULT_FP_FUSION": "1"}, timeout=600)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["int8"][0], "int8 Gram kernel did not use wgmma with s8 operands"
+    assert out["fast_bf16"][0] and out["fast_f32"][0], out
+    assert out["fp64"][1], out
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA C++ module
+
+
+def test_cuda_module_built_where_nvcc_exists():
+    """The CMake build compiles rankme_fast._C_cuda whenever a CUDA compiler is found (CI has nvcc)."""
+    try:
+        from rankme_fast import _build_info  # noqa: PLC0415
+    except ImportError:
+        pytest.skip("running from a source tree without a build")
+    nvcc = shutil.which("nvcc")
+    if not nvcc or _build_info.cuda_option == "OFF":
+        pytest.skip(f"no nvcc on PATH (or RANKME_FAST_CUDA=OFF: {_build_info.cuda_option})")
+    assert _build_info.cuda_built, "nvcc exists but _C_cuda was not built"
+    from rankme_fast import _C_cuda  # noqa: PLC0415 - importable without a GPU (static cudart)
+
+    assert _C_cuda.TILE == backends.cuda.TILE
+    assert hasattr(_C_cuda, "gram_update")
+
+
+@needs_gpu
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("shift", ["none", "col", "row"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", [(1, 1), (37, 5), (3000, 70), (5, 130), (1031, 257)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cuda_gram_tiles(shape, dtype, shift, precision):
+    if backends.cuda.load() is None:
+        pytest.skip(f"_C_cuda not built: {backends.cuda._error}")
+    x = _data(*shape, dtype, offset=3.0 if shift != "none" else 0.0)
+    rs, cs = _shifts(x, shift)
+    cols = shape[1]
+    p = backends.cuda.padded(cols)
+    g = torch.zeros(p, p, dtype=torch.float64, device=DEV)
+    csum = torch.zeros(cols, dtype=torch.float64, device=DEV)
+    backends.cuda.gram_update(x, g, col_sum=csum, row_shift=rs, col_shift=cs, precision=precision)
+    torch.cuda.synchronize()
+    v = _v(x, rs, cs)
+    av = v.abs()
+    ref = v.T @ v
+    tol = (4 * (shape[0] + 2) * 2.0**-53 if precision == "exact" else 2.0**-20) * (av.T @ av)
+    upper = torch.triu(torch.ones(cols, cols, dtype=torch.bool, device=DEV))
+    assert bool(((g[:cols, :cols] - ref).abs() <= tol + 1e-300)[upper].all())
+    assert torch.allclose(csum, v.sum(0), rtol=0, atol=1e-12 * float(av.sum(0).max()) + 1e-300)
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("kind", ["rank1", "rank8", "power2", "repeated_rows"])
+def test_gpu_exact_contract_large(matrices, backend, kind):
+    """DESIGN §3 on a GPU at a size where the float32 Gram fails."""
+    if not backends.BACKENDS[backend].available(DEV)[0]:
+        pytest.skip(backends.BACKENDS[backend].available(DEV)[1])
+    for dtype in (torch.float32, torch.bfloat16):
+        x = matrices.get(kind, (20000, 512), dtype).to(DEV)
+        ref = ref_sv(x.cpu())
+        for center in (False, True):
+            s = rf.spectrum(x, center=center, backend=backend)
+            ref = ref_sv(x.cpu(), center=center)
+            assert float((s.singular_values.cpu() - ref).abs().max() / ref[0]) < 1e-6
+            assert abs(s.rankme() - np_rankme(ref.numpy())) / np_rankme(ref.numpy()) < 1e-4
+
+
+@needs_gpu
+def test_gpu_fast_mode_bound(matrices):
+    for kind in ("flat", "rank1", "power2"):
+        x = matrices.get(kind, (20000, 512), torch.bfloat16).to(DEV)
+        ref = np_rankme(ref_sv(x.cpu()).numpy())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the refinement pass may announce itself
+            s = rf.spectrum(x, precision="fast")
+        assert s.backend.endswith("-fast") and not s.exact
+        assert abs(s.rankme() - ref) / ref < s.rankme_rtol
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch, DLPack
+
+
+def test_dispatch_table_and_order():
+    t = backends.dispatch_table()
+    assert set(t["order"]) == {"exact", "fast"} and isinstance(t["measured"], bool)
+    for prec in ("exact", "fast"):
+        for dt in ("float64", "float32", "float16", "bfloat16"):
+            assert t["order"][prec][dt][-1] == "torch"  # the fallback is always last
+    assert backends.gpu_order(torch.float32, (10, 10)) == ["torch"]  # tiny: launch cost dominates
+    assert backends.gpu_order(torch.bfloat16, (10**6, 4096)) == t["order"]["exact"]["bfloat16"]
+    assert backends.gpu_order(torch.float64, (4096, 10**6), "fast") == t["order"]["fast"]["float64"]
+
+
+def test_select_cuda_without_gpu_falls_back_or_raises(monkeypatch):
+    if HAVE_GPU:
+        pytest.skip("this machine has a GPU")
+    cuda = torch.device("cuda")
+    assert backends.select(None, cuda, dtype=torch.float32, shape=(10**6, 1024)) is backends.torch_ref
+    for name in ("cuda", "triton"):
+        with pytest.raises(RuntimeError, match=f"backend '{name}' was requested but cannot run on cuda"):
+            backends.select(name, cuda)
+    monkeypatch.setenv("RANKME_FAST_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="'cuda' was requested"):
+        backends.select(None, torch.device("cpu"))
+
+
+def test_auto_never_picks_triton_for_cpu_tensors(matrices):
+    x = matrices.get("power1", (300, 20), torch.float32)
+    assert rf.spectrum(x).backend in ("cpu", "torch")
+
+
+def test_dlpack_zero_copy_numpy():
+    """Objects exporting __dlpack__ (NumPy here; CuPy/JAX arrays on a GPU alike) are viewed, not copied."""
+    from rankme_fast._inputs import as_tensor  # noqa: PLC0415
+
+    class Exporter:  # only the protocol, as CuPy and JAX expose it
+        def __init__(self, a):
+            self.a = a
+
+        def __dlpack__(self, **kw):
+            return self.a.__dlpack__(**kw)
+
+        def __dlpack_device__(self):
+            return self.a.__dlpack_device__()
+
+    a = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    t = as_tensor(Exporter(a))
+    assert t.data_ptr() == a.ctypes.data
+    ref = np_rankme(np.linalg.svd(a.astype(np.float64), compute_uv=False))
+    assert abs(rf.rankme(Exporter(a)) - ref) / ref < 1e-6
+
+
+@needs_gpu
+def test_dlpack_zero_copy_cupy():
+    cp = pytest.importorskip("cupy", reason="CuPy not installed")
+    a = cp.random.standard_normal((4000, 64), dtype=cp.float32)
+    from rankme_fast._inputs import as_tensor  # noqa: PLC0415
+
+    t = as_tensor(a)
+    assert t.is_cuda and t.data_ptr() == a.data.ptr
+    ref = np_rankme(np.linalg.svd(cp.asnumpy(a).astype(np.float64), compute_uv=False))
+    assert abs(rf.rankme(a) - ref) / ref < 1e-4
