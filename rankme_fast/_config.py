@@ -64,6 +64,21 @@ def config() -> dict:
     except (RuntimeError, ValueError) as exc:
         chosen = f"error: {exc}"
     info["backend_for_cpu_tensors"] = chosen + (f" (from {backends.ENV_VAR}={env})" if env else " (auto)")
+    table = backends.dispatch_table()
+    info["gpu_dispatch"] = {"measured": table["measured"], "source": table["source"],
+                            "exact_order": table["order"]["exact"], "fast_order": table["order"]["fast"]}
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["gpu_backends"] = backends.describe(dev)
+        try:
+            info["backend_for_cuda_tensors"] = {
+                str(dt).replace("torch.", ""): backends.select(None, dev, dtype=dt, shape=(1 << 20, 1024)).NAME
+                for dt in (torch.float32, torch.bfloat16, torch.float64)}
+        except (RuntimeError, ValueError) as exc:
+            info["backend_for_cuda_tensors"] = f"error: {exc}"
+    else:
+        info["gpu"] = "none visible to torch"
     return info
 
 

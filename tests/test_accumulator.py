@@ -647,7 +647,7 @@ def test_bad_n_features_raises(n_features):
 
 @pytest.mark.parametrize("backend", ("gpu", "CPU", "numpy", ""))
 def test_unknown_backend_raises(backend):
-    with pytest.raises(ValueError, match=r"unknown backend " + _re(repr(backend)) + r"; choose one of \['cpu', 'torch'\]"):
+    with pytest.raises(ValueError, match=r"unknown backend " + _re(repr(backend)) + r"; choose one of \['cpu', 'cuda', 'torch', 'triton'\]"):
         GramAccumulator(backend=backend)
 
 

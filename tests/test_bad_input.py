@@ -244,10 +244,11 @@ def test_float64_square_overflow(shape, method, backend):
         ({"method": "SVD"}, ValueError, r"method must be one of .*got 'SVD'"),
         ({"precision": "double"}, ValueError, r"precision must be one of \('exact', 'fast'\), got 'double'"),
         ({"precision": None}, ValueError, r"precision must be one of .*got None"),
-        ({"backend": "cuda"}, ValueError, r"unknown backend 'cuda'; choose one of \['cpu', 'torch'\] or 'auto'"),
-        ({"backend": "triton"}, ValueError, r"unknown backend 'triton'"),
+        ({"backend": "tpu"}, ValueError,
+         r"unknown backend 'tpu'; choose one of \['cpu', 'cuda', 'torch', 'triton'\] or 'auto'"),
+        ({"backend": "CUDA"}, ValueError, r"unknown backend 'CUDA'"),
     ],
-    ids=("method_eig", "method_case", "precision_double", "precision_none", "backend_cuda", "backend_triton"),
+    ids=("method_eig", "method_case", "precision_double", "precision_none", "backend_tpu", "backend_case"),
 )
 @pytest.mark.parametrize("fn", ("spectrum", "rankme", "collapse_auc"))
 def test_bad_option_names(fn, kwargs, exc, pattern):
@@ -262,8 +263,17 @@ def test_bad_option_names(fn, kwargs, exc, pattern):
 )
 def test_unknown_backend_rejected_on_every_route(shape, kwargs):
     """A misspelt explicit backend is an error whichever decomposition route ends up running."""
-    with pytest.raises(ValueError, match=r"unknown backend 'cuda'"):
-        rf.spectrum(torch.randn(shape), backend="cuda", **kwargs)
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'"):
+        rf.spectrum(torch.randn(shape), backend="tpu", **kwargs)
+
+
+@pytest.mark.parametrize("name", ("cuda", "triton"))
+def test_gpu_backend_on_cpu_tensor_raises(monkeypatch, name):
+    """An explicit GPU backend for CPU data is an error naming why (never a silent fallback)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=rf"backend '{name}' was requested but cannot run on cpu: "
+                                           r".*(cannot read cpu memory|need a CUDA device)"):
+        rf.spectrum(torch.randn(50, 4), backend=name)
 
 
 @pytest.mark.parametrize("eps", (-1e-7, float("nan"), float("inf")), ids=("negative", "nan", "inf"))
@@ -283,10 +293,10 @@ def test_alpha_req_range_beyond_k():
         rf.alpha_req(torch.randn(200, 5))
 
 
-@pytest.mark.parametrize("value", ("nope", "CUDA", "torch,cpu"))
+@pytest.mark.parametrize("value", ("nope", "TPU", "torch,cpu"))
 def test_backend_env_var_unknown(monkeypatch, value):
     monkeypatch.setenv("RANKME_FAST_BACKEND", value)
-    with pytest.raises(ValueError, match=r"unknown backend '.*'; choose one of \['cpu', 'torch'\]"):
+    with pytest.raises(ValueError, match=r"unknown backend '.*'; choose one of \['cpu', 'cuda', 'torch', 'triton'\]"):
         rf.rankme(torch.randn(50, 4))
 
 

@@ -76,15 +76,15 @@ def _shifts(x, which):
     return None, None
 
 
+TILE_CASES = [(sh, shift) for sh in SHAPES for shift in SHIFTS if shift != "row" or sh in ((37, 5), (5, 130))]
+
+
 @needs_triton
-@pytest.mark.parametrize("shift", SHIFTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape,shift", TILE_CASES, ids=[f"{a}x{b}-{c}" for (a, b), c in TILE_CASES])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("mode", ["int8", "fp64", "fast"])
 def test_triton_gram_tiles(mode, dtype, shape, shift):
     """Upper tiles of G and the column sums against float64 torch, with a per-mode error bound."""
-    if shift == "row" and shape not in ((37, 5), (5, 130)):
-        pytest.skip("row shifts: two shapes suffice")
     x = _data(*shape, dtype, offset=3.0 if shift != "none" else 0.0)
     rs, cs = _shifts(x, shift)
     g, csum = _run(x, mode, row_shift=rs, col_shift=cs)
@@ -98,10 +98,10 @@ def test_triton_gram_tiles(mode, dtype, shape, shift):
     if mode == "fp64":
         bound = (4 * (shape[0] + 2) * 2.0**-53 * (av.T @ av))[upper]
     elif mode == "int8":
-        # |X̃ − X| ≤ 2^-7S · (column max) per entry, S from the dtype (4 when a shift is not representable)
+        # |X̃ − X| ≤ 2^-7S · 2^E ≤ 2^(1-7S) · (column max) per entry, S from the dtype (4 when a shift is not representable)
         s_eff = slices.MAX_SLICES if (dtype == torch.float32 or dtype == torch.float64 or shift != "none") else 3
         m = av.amax(0)
-        d = 2.0 ** (-7 * s_eff) * m
+        d = 2.0 ** (1 - 7 * s_eff) * m  # 2^-7S in units of 2^E, and 2^E ≤ 2·(column max)
         bound = ((d[:, None] * av.sum(0)[None, :] + av.sum(0)[:, None] * d[None, :]) * 1.01
                  + shape[0] * d[:, None] * d[None, :] + 8 * (shape[0] + 2) * 2.0**-53 * (av.T @ av))[upper]
     else:
@@ -166,17 +166,17 @@ def test_twin_scheme_contract(s, kind, matrices):
 
 
 CONTRACT_SPECTRA = ["flat", "rank1", "rank8", "power2", "exp", "rank8_noise", "repeated_rows"]
+# every spectrum at one shape; the odd shapes (d not a tile multiple, N < d) with three spectra
+CONTRACT_CASES = [(k, (700, 64)) for k in CONTRACT_SPECTRA] + [
+    (k, sh) for sh in ((300, 130), (40, 200)) for k in ("rank1", "power2", "repeated_rows")]
 
 
 @needs_triton
 @pytest.mark.parametrize("center", [False, True], ids=["raw", "centred"])
-@pytest.mark.parametrize("shape", [(700, 64), (300, 130), (40, 200)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("kind", CONTRACT_SPECTRA)
-def test_triton_exact_contract(matrices, kind, dtype, shape, center):
+@pytest.mark.parametrize("kind,shape", CONTRACT_CASES, ids=[f"{k}-{a}x{b}" for k, (a, b) in CONTRACT_CASES])
+def test_triton_exact_contract(matrices, kind, shape, dtype, center):
     """DESIGN §3 exact contract through rf.spectrum(backend='triton'), collapsed spectra included."""
-    if shape != (700, 64) and kind not in ("rank1", "power2", "repeated_rows"):
-        pytest.skip("odd shapes: three spectra suffice")
     x = matrices.get(kind, shape, dtype, offset=2.0 if center else 0.0).to(DEV)
     s = rf.spectrum(x, center=center, backend="triton")
     assert s.backend == "triton" and s.exact
