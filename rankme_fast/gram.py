@@ -137,7 +137,7 @@ def _fast_gram_gpu(x: torch.Tensor, *, center: bool) -> Optional[GramResult]:
         return GramResult(torch.full((k, k), math.nan, dtype=torch.float64, device=x.device), n, d, transposed,
                           be.NAME + "-fast")
     # power of two keeping squares (times rows) inside float32's range
-    scale = 2.0 ** -math.floor(math.log2(amax)) if amax > 0 else 1.0
+    scale = 2.0 ** min(126, max(-126, -math.floor(math.log2(amax)))) if amax > 0 else 1.0
     g = torch.zeros(be.padded(k), be.padded(k), dtype=torch.float64, device=x.device)
     if not center:
         be.gram_update(v, g, precision="fast", scale=scale)

@@ -259,8 +259,8 @@ def comp(fn, sig, consts):
     sig = dict(sig, **{c: "constexpr" for c in consts})
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=tgt).asm["ptx"]
 out = {}
-ptx = comp(k._gram_int8_kernel, {"dig_ptr": "*i8", "inv_scale_ptr": "*fp64", "ti_ptr": "*i32", "tj_ptr": "*i32",
-           "out_ptr": "*fp64", "rows_pad": "i32", "cols_pad": "i32", "k_per_prog": "i32"},
+ptx = comp(k._gram_int8_kernel, {"dig_ptr": "*i8", "ti_ptr": "*i32", "tj_ptr": "*i32", "out_ptr": "*i32",
+           "rows_pad": "i32", "cols_pad": "i32", "k_end": "i32", "k_per_prog": "i32"},
            {"SLICES": 4, "BM": 128, "BK": 64})
 out["int8"] = ("wgmma" in ptx and ".s8" in ptx, "mma" in ptx)
 xs = {"x_ptr": "*bf16", "stride_r": "i64", "stride_c": "i64", "n_rows": "i32", "n_cols": "i32",

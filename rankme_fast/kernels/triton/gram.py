@@ -103,10 +103,11 @@ def _digits_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr, in
 
 
 @triton.jit
-def _gram_int8_kernel(dig_ptr, inv_scale_ptr, ti_ptr, tj_ptr, out_ptr, rows_pad, cols_pad, k_per_prog,
+def _gram_int8_kernel(dig_ptr, ti_ptr, tj_ptr, out_ptr, rows_pad, cols_pad, k_end, k_per_prog,
                       SLICES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """Partial tile Σ_k V[k, I]ᵀ V[k, J] from the digits: class c = a + b of digit pairs is summed
-    exactly in int32 over this program's rows, then scaled by 2^-(12+7c) and added in float64."""
+    """Class sums C_c = Σ_{a+b=c} Σ_k D_a[I, k] D_b[J, k] of one tile over this program's rows, each
+    exact in int32, written as int32 (out[c, split, tile]); the caller combines the 2S−1 classes in
+    float64 with weights 2^-(12+7c) and the column scales. Only one int32 accumulator is live."""
     t = tl.program_id(0)
     sp = tl.program_id(1)
     ti = tl.load(ti_ptr + t)
@@ -118,25 +119,24 @@ def _gram_int8_kernel(dig_ptr, inv_scale_ptr, ti_ptr, tj_ptr, out_ptr, rows_pad,
     a_base = dig_ptr + ci[:, None].to(tl.int64) * rows_pad + kk[None, :]
     b_base = dig_ptr + cj[:, None].to(tl.int64) * rows_pad + kk[None, :]
     k0 = sp * k_per_prog
-    k1 = tl.minimum(k0 + k_per_prog, rows_pad)
-    tile = tl.zeros([BM, BM], dtype=tl.float64)
-    for c in tl.static_range(2 * SLICES - 1):
-        acc = tl.zeros([BM, BM], dtype=tl.int32)
-        for k in range(k0, k1, BK):
-            for a in tl.static_range(SLICES):
-                if a <= c:
-                    if c - a < SLICES:
-                        da = tl.load(a_base + a * plane + k)
-                        db = tl.load(b_base + (c - a) * plane + k)
-                        acc = tl.dot(da, tl.trans(db), acc, out_dtype=tl.int32)
-        tile += acc.to(tl.float64) * (2.0 ** (-12 - 7 * c))
-    si = 1.0 / tl.load(inv_scale_ptr + ci)
-    sj = 1.0 / tl.load(inv_scale_ptr + cj)
-    tile = tile * si[:, None] * sj[None, :]
-    n_tiles = tl.num_programs(0)
-    o = out_ptr + (sp * n_tiles + t).to(tl.int64) * (BM * BM)
+    k1 = tl.minimum(k0 + k_per_prog, k_end)
     r = tl.arange(0, BM)
-    tl.store(o + r[:, None] * BM + r[None, :], tile)
+    tile_elems = tl.num_programs(0).to(tl.int64) * tl.num_programs(1) * (BM * BM)
+    o = out_ptr + (sp * tl.num_programs(0) + t).to(tl.int64) * (BM * BM) + r[:, None] * BM + r[None, :]
+    n_k = (k1 - k0) // BK
+    for c in range(0, 2 * SLICES - 1):
+        # digit pairs (a, c − a) with 0 ≤ a, c − a < S, flattened with the K blocks into one loop so
+        # the compiler pipelines a single dot stream (static unrolling spilled registers)
+        lo = tl.maximum(c - SLICES + 1, 0)
+        n_pair = tl.minimum(c, SLICES - 1) - lo + 1
+        acc = tl.zeros([BM, BM], dtype=tl.int32)
+        for it in range(0, n_k * n_pair):
+            a = lo + it % n_pair
+            k = k0 + (it // n_pair) * BK
+            da = tl.load(a_base + a * plane + k)
+            db = tl.load(b_base + (c - a) * plane + k)
+            acc = tl.dot(da, tl.trans(db), acc, out_dtype=tl.int32)
+        tl.store(o + c * tile_elems, acc)
 
 
 @triton.jit
@@ -156,7 +156,9 @@ def _gram_float_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr
     kk = tl.arange(0, BK)
     r_begin = sp * rows_per_prog
     r_end = tl.minimum(r_begin + rows_per_prog, n_rows)
-    tile = tl.zeros([BM, BM], dtype=tl.float64)
+    r = tl.arange(0, BM)
+    o = out_ptr + (sp * tl.num_programs(0) + t).to(tl.int64) * (BM * BM) + r[:, None] * BM + r[None, :]
+    inv_s = 1.0 / scale  # a power of two (fp32-representable): divided out twice, exactly, in float64
     csum = tl.zeros([BM], dtype=tl.float64)
     diag = ti == tj
     for seg in range(r_begin, r_end, BK * FOLD):
@@ -179,6 +181,18 @@ def _gram_float_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr
                 a = (a.to(tl.float32) * scale).to(a.dtype)  # power of two: exact
                 b = (b.to(tl.float32) * scale).to(b.dtype)
                 acc = tl.dot(tl.trans(a), b, acc)
+            elif MODE == 0 and not HAS_RS and not HAS_CS:
+                # unshifted fast path: float32 registers only (float64 tiles would spill)
+                ma = (rr[:, None] < r_end) & (ci[None, :] < n_cols)
+                mb = (rr[:, None] < r_end) & (cj[None, :] < n_cols)
+                a32 = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + ci[None, :].to(tl.int64) * stride_c,
+                              mask=ma, other=0.0).to(tl.float32)
+                b32 = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + cj[None, :].to(tl.int64) * stride_c,
+                              mask=mb, other=0.0).to(tl.float32)
+                if WANT_CSUM:
+                    if diag:
+                        csum += tl.sum(a32.to(tl.float64), axis=0)
+                acc = tl.dot(tl.trans(a32 * scale), b32 * scale, acc, input_precision=IN_PREC)
             else:
                 a = _load_v(x_ptr, rr, ci, stride_r, stride_c, r_end, n_cols, rs_ptr, cs_ptr, HAS_RS, HAS_CS)
                 b = _load_v(x_ptr, rr, cj, stride_r, stride_c, r_end, n_cols, rs_ptr, cs_ptr, HAS_RS, HAS_CS)
@@ -191,13 +205,8 @@ def _gram_float_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr
                     a32 = (a * scale).to(tl.float32)
                     b32 = (b * scale).to(tl.float32)
                     acc = tl.dot(tl.trans(a32), b32, acc, input_precision=IN_PREC)
-        tile += acc.to(tl.float64)
-    if MODE == 0:
-        tile = tile / (scale * scale)
-    n_tiles = tl.num_programs(0)
-    o = out_ptr + (sp * n_tiles + t).to(tl.int64) * (BM * BM)
-    r = tl.arange(0, BM)
-    tl.store(o + r[:, None] * BM + r[None, :], tile)
+        # flush into the (zeroed) float64 output: no float64 tile held in registers
+        tl.store(o, tl.load(o) + acc.to(tl.float64) * inv_s * inv_s)
     if WANT_CSUM:
         if diag:
             tl.store(csum_ptr + sp * n_cols + ci, csum, mask=ci < n_cols)
@@ -277,7 +286,7 @@ def gram_update(
     if rows == 0:
         return
     dev = x.device
-    bm = block or (64 if INTERPRET else 128)
+    bm = block or (64 if INTERPRET or mode == "fp64" else 128)  # a 128² float64 accumulator would spill
     nt = p // bm
     ti, tj = upper_tiles(nt, dev)
     rs = row_shift if row_shift is not None else gram  # dummy pointer when absent
@@ -294,15 +303,15 @@ def gram_update(
         return
     bk = 32 if INTERPRET else (32 if mode == "fp64" else 64)
     n_split, per = _splits(rows, len(ti), bk, _target_programs(dev))
-    parts = torch.empty(n_split, len(ti), bm, bm, dtype=torch.float64, device=dev)
+    parts = torch.zeros(n_split, len(ti), bm, bm, dtype=torch.float64, device=dev)
     csum = torch.zeros(n_split, cols, dtype=torch.float64, device=dev)
     native16 = (mode == "fast" and not INTERPRET and x.dtype in (torch.float16, torch.bfloat16)
                 and row_shift is None and col_shift is None)
     _gram_float_kernel[(len(ti), n_split)](
-        x, x.stride(0), x.stride(1), rows, cols, rs, cs, float(scale), ti, tj, parts, csum, per,
+        x, x.stride(0), x.stride(1), rows, cols, rs, cs, float(scale) if mode == "fast" else 1.0, ti, tj, parts, csum, per,
         HAS_RS=row_shift is not None, HAS_CS=col_shift is not None, WANT_CSUM=col_sum is not None,
         MODE=1 if mode == "fp64" else 0, NATIVE16=native16, IN_PREC="tf32x3", BM=bm, BK=bk,
-        FOLD=1 if mode == "fp64" else 16, num_warps=8 if bm == 128 else 4,
+        FOLD=1 << 24 if mode == "fp64" else 16, num_warps=8 if bm == 128 else 4,
     )
     _accumulate_tiles(gram, parts, ti, tj, bm)
     if col_sum is not None:
@@ -339,9 +348,17 @@ def _gram_int8(x, gram, col_sum, rs, cs, has_rs, has_cs, n_slices, bm, ti, tj) -
         _digits_kernel[(-(-chunk_pad // br), p // bc)](
             xc, xc.stride(0), xc.stride(1), n, cols, rsc, cs, inv, dig, chunk_pad, p,
             HAS_RS=has_rs, HAS_CS=has_cs, SLICES=n_slices, BR=br, BC=bc)
-        n_split, kper = _splits(chunk_pad, len(ti), bk, _target_programs(dev))
-        parts = torch.empty(n_split, len(ti), bm, bm, dtype=torch.float64, device=dev)
+        n_pad = -(-n // bk) * bk  # digit rows [n, n_pad) are zero
+        n_split, kper = _splits(n_pad, len(ti), bk, _target_programs(dev))
+        classes = torch.empty(2 * n_slices - 1, n_split, len(ti), bm, bm, dtype=torch.int32, device=dev)
         _gram_int8_kernel[(len(ti), n_split)](
-            dig, inv, ti, tj, parts, chunk_pad, p, kper, SLICES=n_slices, BM=bm, BK=bk,
+            dig, ti, tj, classes, chunk_pad, p, n_pad, kper, SLICES=n_slices, BM=bm, BK=bk,
             num_warps=8 if bm == 128 else 4)
-        _accumulate_tiles(gram, parts, ti, tj, bm)
+        # Σ_c 2^-(12+7c) C_c: integer class sums are exact in float64, then one float64 rounding per
+        # class; times 2^(E_i + E_j)
+        tiles = torch.zeros(len(ti), bm, bm, dtype=torch.float64, device=dev)
+        for c in range(2 * n_slices - 1):
+            tiles += classes[c].sum(0, dtype=torch.float64) * 2.0 ** (-12 - 7 * c)
+        s = (1.0 / inv).view(-1, bm)
+        tiles *= s[ti.long()][:, :, None] * s[tj.long()][:, None, :]
+        _accumulate_tiles(gram, tiles[None], ti, tj, bm)
