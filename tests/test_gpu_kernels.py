@@ -328,6 +328,28 @@ def test_cuda_module_built_where_nvcc_exists():
     assert hasattr(_C_cuda, "gram_update")
 
 
+def test_cuda_entry_point_validates_without_gpu():
+    """The C++ entry point rejects inconsistent arguments before any CUDA call (runs without a GPU)."""
+    mod = backends.cuda.load()
+    if mod is None:
+        pytest.skip(f"_C_cuda not built: {backends.cuda._error}")
+    fake = 1 << 20  # never dereferenced: validation fails first, or rows == 0 returns at once
+
+    def call(**kw):
+        a = dict(x=fake, dtype=1, rows=100, cols=70, sr=70, sc=1, rs=0, cs=0, gram=fake, ldg=128, col_sum=0,
+                 ti=fake, tj=fake, n_tiles=3, splits=2, per=50, ws=fake, cws=0, mode=0, scale=1.0, stream=0)
+        a.update(kw)
+        return mod.gram_update(*a.values())
+
+    call(rows=0)  # nothing to do: returns without touching the device
+    for bad in ({"cols": 0}, {"ldg": 64}, {"splits": 1}, {"per": 0}, {"ws": 0}, {"col_sum": fake},
+                {"scale": 0.0}, {"n_tiles": 0}):
+        with pytest.raises(RuntimeError, match="rankme_fast CUDA gram_update failed: invalid argument"):
+            call(**bad)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        call(dtype=9)
+
+
 @needs_gpu
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 @pytest.mark.parametrize("shift", ["none", "col", "row"])

@@ -60,9 +60,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) gram_exact_kernel(Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int BK = 16;
-  constexpr int LD = BM + 2;  // wmma ldm: a multiple of 16 bytes; +2 doubles breaks bank conflicts
-  __shared__ double sa[BK][LD];
-  __shared__ double sb[BK][LD];
+  constexpr int LD = BM + 2;  // wmma: ldm a multiple of 16 bytes, fragment pointers 32-byte aligned (66 * 8 * 4 = 2112 = 66 * 32)
+  __shared__ __align__(128) double sa[BK][LD];
+  __shared__ __align__(128) double sb[BK][LD];
   const int t = blockIdx.x;
   const int64_t i0 = static_cast<int64_t>(p.ti[t]) * BM, j0 = static_cast<int64_t>(p.tj[t]) * BM;
   const bool diag = p.ti[t] == p.tj[t];
@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(kThreads) gram_fast16_kernel(Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int BK = 32;
   constexpr int LD = BM + 8;  // 16-byte multiple for 16-bit types
-  __shared__ T sa[BK][LD];
-  __shared__ T sb[BK][LD];
-  __shared__ float scratch[4][32 * 32];
+  __shared__ __align__(128) T sa[BK][LD];
+  __shared__ __align__(128) T sb[BK][LD];
+  __shared__ __align__(128) float scratch[4][32 * 32];
   const int t = blockIdx.x;
   const int64_t i0 = static_cast<int64_t>(p.ti[t]) * BM, j0 = static_cast<int64_t>(p.tj[t]) * BM;
   const bool diag = p.ti[t] == p.tj[t];
@@ -187,8 +187,8 @@ __global__ void __launch_bounds__(kThreads) gram_fast_tf32_kernel(Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int BK = 16;
   constexpr int LD = BM + 4;
-  __shared__ float sa_hi[BK][LD], sa_lo[BK][LD], sb_hi[BK][LD], sb_lo[BK][LD];
-  __shared__ float scratch[4][32 * 32];
+  __shared__ __align__(128) float sa_hi[BK][LD], sa_lo[BK][LD], sb_hi[BK][LD], sb_lo[BK][LD];
+  __shared__ __align__(128) float scratch[4][32 * 32];
   const int t = blockIdx.x;
   const int64_t i0 = static_cast<int64_t>(p.ti[t]) * BM, j0 = static_cast<int64_t>(p.tj[t]) * BM;
   const bool diag = p.ti[t] == p.tj[t];

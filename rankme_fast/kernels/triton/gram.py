@@ -185,14 +185,15 @@ def _gram_float_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr
                 # unshifted fast path: float32 registers only (float64 tiles would spill)
                 ma = (rr[:, None] < r_end) & (ci[None, :] < n_cols)
                 mb = (rr[:, None] < r_end) & (cj[None, :] < n_cols)
-                a32 = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + ci[None, :].to(tl.int64) * stride_c,
-                              mask=ma, other=0.0).to(tl.float32)
-                b32 = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + cj[None, :].to(tl.int64) * stride_c,
-                              mask=mb, other=0.0).to(tl.float32)
+                a = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + ci[None, :].to(tl.int64) * stride_c,
+                            mask=ma, other=0.0)
+                b = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + cj[None, :].to(tl.int64) * stride_c,
+                            mask=mb, other=0.0)
                 if WANT_CSUM:
                     if diag:
-                        csum += tl.sum(a32.to(tl.float64), axis=0)
-                acc = tl.dot(tl.trans(a32 * scale), b32 * scale, acc, input_precision=IN_PREC)
+                        csum += tl.sum(a.to(tl.float64), axis=0)  # exact sums, before any rounding
+                acc = tl.dot(tl.trans(a.to(tl.float32) * scale), b.to(tl.float32) * scale, acc,
+                             input_precision=IN_PREC)
             else:
                 a = _load_v(x_ptr, rr, ci, stride_r, stride_c, r_end, n_cols, rs_ptr, cs_ptr, HAS_RS, HAS_CS)
                 b = _load_v(x_ptr, rr, cj, stride_r, stride_c, r_end, n_cols, rs_ptr, cs_ptr, HAS_RS, HAS_CS)
