@@ -168,21 +168,8 @@ def _gram_float_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr
             acc = tl.zeros([BM, BM], dtype=tl.float32)
         for r0 in range(seg, tl.minimum(seg + BK * FOLD, r_end), BK):
             rr = r0 + kk
-            if NATIVE16:
-                ma = (rr[:, None] < r_end) & (ci[None, :] < n_cols)
-                mb = (rr[:, None] < r_end) & (cj[None, :] < n_cols)
-                a = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + ci[None, :].to(tl.int64) * stride_c,
-                            mask=ma, other=0.0)
-                b = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + cj[None, :].to(tl.int64) * stride_c,
-                            mask=mb, other=0.0)
-                if WANT_CSUM:
-                    if diag:
-                        csum += tl.sum(a.to(tl.float64), axis=0)
-                a = (a.to(tl.float32) * scale).to(a.dtype)  # power of two: exact
-                b = (b.to(tl.float32) * scale).to(b.dtype)
-                acc = tl.dot(tl.trans(a), b, acc)
-            elif MODE == 0 and not HAS_RS and not HAS_CS:
-                # unshifted fast path: float32 registers only (float64 tiles would spill)
+            if NATIVE16 or (MODE == 0 and not HAS_RS and not HAS_CS):
+                # unshifted fast path: no float64 tiles in registers (they would spill)
                 ma = (rr[:, None] < r_end) & (ci[None, :] < n_cols)
                 mb = (rr[:, None] < r_end) & (cj[None, :] < n_cols)
                 a = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + ci[None, :].to(tl.int64) * stride_c,
@@ -192,8 +179,12 @@ def _gram_float_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr
                 if WANT_CSUM:
                     if diag:
                         csum += tl.sum(a.to(tl.float64), axis=0)  # exact sums, before any rounding
-                acc = tl.dot(tl.trans(a.to(tl.float32) * scale), b.to(tl.float32) * scale, acc,
-                             input_precision=IN_PREC)
+                if NATIVE16:  # bf16/fp16 straight to the tensor cores; the power-of-two scale is exact
+                    acc = tl.dot(tl.trans((a.to(tl.float32) * scale).to(a.dtype)),
+                                 (b.to(tl.float32) * scale).to(b.dtype), acc)
+                else:
+                    acc = tl.dot(tl.trans(a.to(tl.float32) * scale), b.to(tl.float32) * scale, acc,
+                                 input_precision=IN_PREC)
             else:
                 a = _load_v(x_ptr, rr, ci, stride_r, stride_c, r_end, n_cols, rs_ptr, cs_ptr, HAS_RS, HAS_CS)
                 b = _load_v(x_ptr, rr, cj, stride_r, stride_c, r_end, n_cols, rs_ptr, cs_ptr, HAS_RS, HAS_CS)
