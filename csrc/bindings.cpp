@@ -7,6 +7,7 @@
 #include <string>
 
 #include "rankme/gram.h"
+#include "rankme/normal.h"
 
 namespace py = pybind11;
 
@@ -36,12 +37,41 @@ static void gram_update(uintptr_t x, int dtype, int64_t rows, int64_t cols, int6
   if (st != rankme::kOk) throw std::invalid_argument(std::string("gram_update: ") + rankme::status_string(st));
 }
 
+static void normal_apply(uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t stride_r, int64_t stride_c,
+                         uintptr_t col_shift, uintptr_t w, int64_t k, uintptr_t out, bool single_precision,
+                         int num_threads) {
+  rankme::NormalArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.dtype = static_cast<rankme::DType>(dtype);
+  a.rows = rows;
+  a.cols = cols;
+  a.stride_r = stride_r;
+  a.stride_c = stride_c;
+  a.col_shift = reinterpret_cast<const double*>(col_shift);
+  a.w = reinterpret_cast<const double*>(w);
+  a.k = k;
+  a.out = reinterpret_cast<double*>(out);
+  a.single_precision = single_precision;
+  a.num_threads = num_threads;
+  rankme::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = rankme::normal_apply(a);
+  }
+  if (st == rankme::kOutOfMemory) throw std::bad_alloc();
+  if (st != rankme::kOk) throw std::invalid_argument(std::string("normal_apply: ") + rankme::status_string(st));
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rankme_fast CPU kernels (framework-agnostic; no libtorch)";
   m.def("gram_update", &gram_update, "G += V^T V over row chunks in float64 (see csrc/include/rankme/gram.h)",
         py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("stride_r"), py::arg("stride_c"),
         py::arg("row_shift"), py::arg("col_shift"), py::arg("gram"), py::arg("ldg"), py::arg("col_sum"),
         py::arg("num_threads"), py::arg("chunk_rows") = 0);
+  m.def("normal_apply", &normal_apply,
+        "out += X^T (X W) reading X once (see csrc/include/rankme/normal.h)", py::arg("x"), py::arg("dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("stride_r"), py::arg("stride_c"), py::arg("col_shift"),
+        py::arg("w"), py::arg("k"), py::arg("out"), py::arg("single_precision"), py::arg("num_threads"));
   m.def("gram_isa", &rankme::gram_isa, "instruction set the Gram kernel dispatches to on this CPU");
   m.attr("PANEL") = rankme::kPanel;
 }

@@ -138,6 +138,8 @@ def _fast_gram_gpu(x: torch.Tensor, *, center: bool) -> Optional[GramResult]:
                           be.NAME + "-fast")
     # power of two keeping squares (times rows) inside float32's range
     scale = 2.0 ** min(126, max(-126, -math.floor(math.log2(amax)))) if amax > 0 else 1.0
+    if x.dtype == torch.float16:
+        scale = 1.0  # fp16 squares always fit float32, and scaling down would push fp16 values subnormal
     g = torch.zeros(be.padded(k), be.padded(k), dtype=torch.float64, device=x.device)
     if not center:
         be.gram_update(v, g, precision="fast", scale=scale)

@@ -229,6 +229,31 @@ def test_triton_fast_scale_and_bound(matrices):
 
 
 @needs_triton
+def test_triton_fast_float64_scaled_before_rounding():
+    """float64 input far outside float32's range: the scale is applied in float64, then rounded."""
+    for mag in (1e-50, 1e40):
+        x = (torch.randn(300, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * mag).to(DEV)
+        amax = float(x.abs().max())
+        import math  # noqa: PLC0415
+        g, _ = _run(x, "fast", want_csum=False, scale=2.0 ** min(126, max(-126, -math.floor(math.log2(amax)))))
+        ref = x.T @ x
+        assert float((torch.triu(g[:40, :40]) - torch.triu(ref)).abs().max() / ref.abs().max()) < 1e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("center", [False, True])
+def test_triton_int8_nonfinite_input_reported(center):
+    """Integer digits cannot carry NaN/Inf: the kernel path must still surface them (never a finite Gram)."""
+    x = _data(200, 30, torch.float32)
+    x[17, 4] = float("nan")
+    x[150, 9] = float("inf")
+    g, _ = _run(x, "int8", want_csum=False)
+    assert not bool(torch.isfinite(g[:30, :30]).all())
+    with pytest.raises(ValueError, match=r"found 2 non-finite values \(1 NaN, 1 Inf\).*first in row 17"):
+        rf.spectrum(x, center=center, backend="triton")
+
+
+@needs_triton
 def test_triton_bad_arguments():
     x = _data(10, 5, torch.float32)
     g = torch.zeros(5, 5, dtype=torch.float64, device=DEV)

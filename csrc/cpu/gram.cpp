@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <new>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -55,6 +56,16 @@ static const KernelTable& kernels(const char** name = nullptr) {
   static const KernelTable& t = select_kernels(&isa);
   if (name) *name = isa;
   return t;
+}
+
+const NormalTable& normal_kernels() {
+  const char* n = nullptr;
+  kernels(&n);
+#if defined(RANKME_HAVE_X86_VARIANTS)
+  if (n == std::string("avx512")) return avx512::normal_table;
+  if (n == std::string("avx2")) return avx2::normal_table;
+#endif
+  return generic::normal_table;
 }
 
 const char* gram_isa() {

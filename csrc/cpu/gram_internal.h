@@ -43,10 +43,25 @@ struct KernelTable {
   TilesFn tiles;
 };
 
-namespace generic { extern const KernelTable table; }
+// Fused normal operator blocks (normal_kernel.inl): kp = k padded to a multiple of 4 vectors' worth
+// of lanes at most; vl_doubles tells the driver the vector width.
+using NormalBlockF32 = void (*)(const float* p, int64_t b, int64_t cols, const float* w, int64_t kp, float* y,
+                                float* acc);
+using NormalBlockF64 = void (*)(const double* p, int64_t b, int64_t cols, const double* w, int64_t kp, double* y,
+                                double* acc);
+struct NormalTable {
+  NormalBlockF32 f32;
+  NormalBlockF64 f64;
+  int vl_doubles;
+};
+
+namespace generic { extern const KernelTable table; extern const NormalTable normal_table; }
 #if defined(RANKME_HAVE_X86_VARIANTS)
-namespace avx2 { extern const KernelTable table; }
-namespace avx512 { extern const KernelTable table; }
+namespace avx2 { extern const KernelTable table; extern const NormalTable normal_table; }
+namespace avx512 { extern const KernelTable table; extern const NormalTable normal_table; }
 #endif
+
+// The ISA chosen at run time for this CPU (gram.cpp), shared by both kernels.
+const NormalTable& normal_kernels();
 
 }  // namespace rankme

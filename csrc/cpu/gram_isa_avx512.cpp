@@ -5,3 +5,4 @@
 #define RANKME_MR 8
 #define RANKME_NJ 3
 #include "gram_kernel.inl"
+#include "normal_kernel.inl"

@@ -105,3 +105,42 @@ def gram_update(
         gram.data_ptr(), cp, _vec(col_sum, cols, "col_sum"),
         int(num_threads or default_threads()), int(chunk_rows),
     )
+
+
+def normal_apply(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    col_shift: Optional[torch.Tensor] = None,
+    single_precision: bool = True,
+    num_threads: Optional[int] = None,
+) -> torch.Tensor:
+    """``Vᵀ (V W)`` with V = X − 1 col_shiftᵀ, reading X once (fused normal operator).
+
+    Args:
+        x: (N, d) float64/32/16 or bfloat16 CPU tensor, any strides.
+        w: (d, k) block of vectors (any float dtype; used in float64 / float32).
+        col_shift: optional (d,) float64 shift (a centred operator without forming Z − 1μᵀ).
+        single_precision: float32 products and sums within 256-row blocks, float64 across blocks
+            (relative error ~1e-7·|V|ᵀ|V||W|); False: float64 throughout.
+    Returns: (d, k) float64.
+    """
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"native CPU backend unavailable: {_error}")
+    if x.ndim != 2 or x.device.type != "cpu":
+        raise ValueError(f"normal_apply expects a 2-D CPU tensor, got shape {tuple(x.shape)} on {x.device}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"native CPU backend does not support dtype {x.dtype}")
+    rows, cols = x.shape
+    if w.ndim != 2 or w.shape[0] != cols or w.shape[1] < 1 or not w.is_floating_point() or w.device.type != "cpu":
+        raise ValueError(f"w must be a (d={cols}, k) float CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}")
+    w64 = w.to(torch.float64).contiguous()
+    out = torch.zeros(cols, w.shape[1], dtype=torch.float64)
+    if rows == 0:
+        return out
+    sr, sc = x.stride()
+    mod.normal_apply(x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, sr, sc, _vec(col_shift, cols, "col_shift"),
+                     w64.data_ptr(), w64.shape[1], out.data_ptr(), bool(single_precision),
+                     int(num_threads or default_threads()))
+    return out

@@ -37,6 +37,9 @@ def available(device: torch.device):
         return False, f"extension rankme_fast._C_cuda not built/importable ({_error})"
     if not torch.cuda.is_available() or _module.device_count() < 1:
         return False, "no CUDA device visible to the CUDA runtime"
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major < 8:
+        return False, f"the kernels are built for sm_80/sm_90 (DMMA, bf16 wmma); this GPU is sm_{major}{minor}"
     return True, ""
 
 
@@ -96,11 +99,11 @@ def gram_update(
     splits = -(-rows // per)
     ws = torch.empty(splits * n_tiles * TILE * TILE, dtype=torch.float64, device=dev)
     cws = torch.empty(splits * cols, dtype=torch.float64, device=dev) if col_sum is not None else None
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    mod.gram_update(
-        x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, x.stride(0), x.stride(1),
-        _ptr(row_shift, rows, dev, "row_shift"), _ptr(col_shift, cols, dev, "col_shift"),
-        gram.data_ptr(), p, _ptr(col_sum, cols, dev, "col_sum"), ti.data_ptr(), tj.data_ptr(), n_tiles,
-        splits, per, ws.data_ptr(), 0 if cws is None else cws.data_ptr(), 0 if precision == "exact" else 1,
-        float(scale), stream,
-    )
+    with torch.cuda.device(dev):  # the launch must target x's GPU, whatever the current device is
+        mod.gram_update(
+            x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, x.stride(0), x.stride(1),
+            _ptr(row_shift, rows, dev, "row_shift"), _ptr(col_shift, cols, dev, "col_shift"),
+            gram.data_ptr(), p, _ptr(col_sum, cols, dev, "col_sum"), ti.data_ptr(), tj.data_ptr(), n_tiles,
+            splits, per, ws.data_ptr(), 0 if cws is None else cws.data_ptr(), 0 if precision == "exact" else 1,
+            float(scale), torch.cuda.current_stream(dev).cuda_stream,
+        )

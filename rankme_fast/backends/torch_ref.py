@@ -45,3 +45,17 @@ def gram_update(
         g.addmm_(v.T, v)
         if col_sum is not None:
             col_sum += v.sum(0)
+
+
+def normal_apply(x: torch.Tensor, w: torch.Tensor, *, col_shift: Optional[torch.Tensor] = None, **_) -> torch.Tensor:
+    """Twin of the fused normal operator: ``Vᵀ (V W)`` in float64, V = X − 1 col_shiftᵀ, in row chunks."""
+    rows, cols = x.shape
+    w64 = w.to(torch.float64)
+    out = torch.zeros(cols, w.shape[1], dtype=torch.float64, device=x.device)
+    step = max(1, CHUNK_ELEMS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        v = x[r0 : r0 + step].to(torch.float64)
+        if col_shift is not None:
+            v = v - col_shift[None, :]
+        out.addmm_(v.T, v @ w64)
+    return out

@@ -10,9 +10,11 @@ so |t| < 1, and
 Digits fit int8, their products fit 2^12, so int8 tensor cores accumulate Σ_r D_a[r,i]·D_b[r,j]
 *exactly* in int32 for up to 2^17 rows per class. The Gram is then
 
-    G_ij ≈ 2^(E_i+E_j) Σ_{c<S} 2^-(12+7c) Σ_{a+b=c} (D_aᵀ D_b)_ij
+    G_ij = 2^(E_i+E_j) Σ_{c ≤ 2S-2} 2^-(12+7c) Σ_{a+b=c} (D_aᵀ D_b)_ij
 
-(pairs with a+b ≥ S are below the truncation ρ and dropped), combined in float64. Every product and
+over *all* S² digit pairs, so G is exactly the Gram of the represented matrix X̃ (dropping the
+low-order pairs, as truncated Ozaki schemes do, breaks that and squares the condition number again:
+measured, see benchmarks/RESULTS.md), combined in float64. Every product and
 every within-chunk sum is exact; the only errors are ρ (2^-7S of the chunk's column maximum per entry,
 a perturbation of the *input*, not of G) and the float64 rounding of the cross-chunk sums.
 ``S = 4`` (28 bits) gives the DESIGN §3 exact contract on every test spectrum; see

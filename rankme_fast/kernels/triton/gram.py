@@ -143,7 +143,7 @@ def _gram_int8_kernel(dig_ptr, ti_ptr, tj_ptr, out_ptr, rows_pad, cols_pad, k_en
 def _gram_float_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr, scale, ti_ptr, tj_ptr, out_ptr,
                        csum_ptr, rows_per_prog, HAS_RS: tl.constexpr, HAS_CS: tl.constexpr, WANT_CSUM: tl.constexpr,
                        MODE: tl.constexpr, NATIVE16: tl.constexpr, IN_PREC: tl.constexpr, BM: tl.constexpr,
-                       BK: tl.constexpr, FOLD: tl.constexpr):
+                       BK: tl.constexpr, FOLD: tl.constexpr, X_F64: tl.constexpr):
     """Partial tile of VᵀV from X directly. MODE 0: fast (fp32 accumulators flushed to float64 every
     FOLD·BK rows; NATIVE16 feeds unshifted bf16/fp16 tiles to the tensor cores as they are);
     MODE 1: float64 tiles and dot."""
@@ -168,8 +168,9 @@ def _gram_float_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr
             acc = tl.zeros([BM, BM], dtype=tl.float32)
         for r0 in range(seg, tl.minimum(seg + BK * FOLD, r_end), BK):
             rr = r0 + kk
-            if NATIVE16 or (MODE == 0 and not HAS_RS and not HAS_CS):
-                # unshifted fast path: no float64 tiles in registers (they would spill)
+            if NATIVE16 or (MODE == 0 and not HAS_RS and not HAS_CS and not X_F64):
+                # unshifted fast path for ≤ 32-bit input: no float64 tiles in registers (they would spill);
+                # float64 input takes the float64 route below, so the scale is applied before rounding
                 ma = (rr[:, None] < r_end) & (ci[None, :] < n_cols)
                 mb = (rr[:, None] < r_end) & (cj[None, :] < n_cols)
                 a = tl.load(x_ptr + rr[:, None].to(tl.int64) * stride_r + ci[None, :].to(tl.int64) * stride_c,
@@ -303,7 +304,7 @@ def gram_update(
         x, x.stride(0), x.stride(1), rows, cols, rs, cs, float(scale) if mode == "fast" else 1.0, ti, tj, parts, csum, per,
         HAS_RS=row_shift is not None, HAS_CS=col_shift is not None, WANT_CSUM=col_sum is not None,
         MODE=1 if mode == "fp64" else 0, NATIVE16=native16, IN_PREC="tf32x3", BM=bm, BK=bk,
-        FOLD=1 << 24 if mode == "fp64" else 16, num_warps=8 if bm == 128 else 4,
+        FOLD=1 << 24 if mode == "fp64" else 16, X_F64=x.dtype == torch.float64, num_warps=8 if bm == 128 else 4,
     )
     _accumulate_tiles(gram, parts, ti, tj, bm)
     if col_sum is not None:
@@ -351,6 +352,10 @@ def _gram_int8(x, gram, col_sum, rs, cs, has_rs, has_cs, n_slices, bm, ti, tj) -
         tiles = torch.zeros(len(ti), bm, bm, dtype=torch.float64, device=dev)
         for c in range(2 * n_slices - 1):
             tiles += classes[c].sum(0, dtype=torch.float64) * 2.0 ** (-12 - 7 * c)
-        s = (1.0 / inv).view(-1, bm)
+        scl = 1.0 / inv
+        # integer digits cannot carry NaN/Inf: a column whose float64 sum is not finite poisons its
+        # rows and columns of G, so callers see the non-finite input (no host synchronisation)
+        scl[:cols] = torch.where(torch.isfinite(sm.sum(0)), scl[:cols], torch.full_like(scl[:cols], float("nan")))
+        s = scl.view(-1, bm)
         tiles *= s[ti.long()][:, :, None] * s[tj.long()][:, None, :]
         _accumulate_tiles(gram, tiles[None], ti, tj, bm)

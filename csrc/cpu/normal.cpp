@@ -1,0 +1,106 @@
+// Driver of the fused normal operator out += X^T (X W): rows split across threads, each thread packs a
+// block of rows (upcast + shift) into a cache-resident buffer and runs every k-group of W over it
+// before the next block, so X is read from memory exactly once per application.
+#include <algorithm>
+#include <new>
+#include <thread>
+#include <vector>
+
+#include "gram_internal.h"
+#include "rankme/normal.h"
+
+namespace rankme {
+namespace {
+
+template <typename In, typename T>
+void pack_rows(const NormalArgs& a, int64_t r0, int64_t b, T* p) {
+  const In* x = static_cast<const In*>(a.x);
+  for (int64_t r = 0; r < b; ++r) {
+    const In* row = x + (r0 + r) * a.stride_r;
+    T* dst = p + r * a.cols;
+    if (a.col_shift) {
+      for (int64_t c = 0; c < a.cols; ++c) dst[c] = static_cast<T>(to_double(row[c * a.stride_c]) - a.col_shift[c]);
+    } else {
+      for (int64_t c = 0; c < a.cols; ++c) dst[c] = static_cast<T>(to_double(row[c * a.stride_c]));
+    }
+  }
+}
+
+template <typename T>
+void pack_any(const NormalArgs& a, int64_t r0, int64_t b, T* p) {
+  switch (a.dtype) {
+    case DType::kFloat64: pack_rows<double, T>(a, r0, b, p); break;
+    case DType::kFloat32: pack_rows<float, T>(a, r0, b, p); break;
+    case DType::kFloat16: pack_rows<Half, T>(a, r0, b, p); break;
+    case DType::kBFloat16: pack_rows<BFloat16, T>(a, r0, b, p); break;
+  }
+}
+
+template <typename T>
+Status run(const NormalArgs& a, void (*block)(const T*, int64_t, int64_t, const T*, int64_t, T*, T*), int lanes,
+           int nthreads) {
+  const int64_t cols = a.cols, k = a.k;
+  const int64_t kpg = 4 * lanes;  // k-group width: at most 4 vectors per k-row
+  const int64_t ngroups = (k + kpg - 1) / kpg;
+  // last group padded only to what it needs (1, 2 or 4 vectors)
+  std::vector<int64_t> gk(ngroups), gp(ngroups);
+  for (int64_t g = 0; g < ngroups; ++g) {
+    gk[g] = std::min(kpg, k - g * kpg);
+    gp[g] = gk[g] <= lanes ? lanes : gk[g] <= 2 * lanes ? 2 * lanes : 4 * lanes;
+  }
+  std::vector<std::vector<T>> wg(ngroups);
+  for (int64_t g = 0; g < ngroups; ++g) {
+    wg[g].assign(size_t(cols * gp[g]), T(0));
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t v = 0; v < gk[g]; ++v) wg[g][j * gp[g] + v] = static_cast<T>(a.w[j * k + g * kpg + v]);
+  }
+  const int64_t B = kNormalBlockRows;
+  const int64_t nblocks = (a.rows + B - 1) / B;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks)));
+  std::vector<std::vector<double>> outs(nt);
+  std::vector<int> failed(nt, 0);
+  auto work = [&](int t) {
+    try {
+      std::vector<T> p(size_t(B * cols)), y(size_t(B * 4 * lanes)), acc(size_t(cols * 4 * lanes));
+      std::vector<double>& out = outs[t];
+      out.assign(size_t(cols * k), 0.0);
+      const int64_t b0 = nblocks * t / nt, b1 = nblocks * (t + 1) / nt;
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        const int64_t r0 = bl * B, b = std::min(B, a.rows - r0);
+        pack_any<T>(a, r0, b, p.data());
+        for (int64_t g = 0; g < ngroups; ++g) {
+          std::fill(acc.begin(), acc.begin() + cols * gp[g], T(0));
+          block(p.data(), b, cols, wg[g].data(), gp[g], y.data(), acc.data());
+          // the block's sum (<= B rows in T) joins the float64 total
+          for (int64_t j = 0; j < cols; ++j)
+            for (int64_t v = 0; v < gk[g]; ++v) out[j * k + g * kpg + v] += static_cast<double>(acc[j * gp[g] + v]);
+        }
+      }
+    } catch (const std::bad_alloc&) {
+      failed[t] = 1;
+    }
+  };
+  std::vector<std::thread> th;
+  for (int t = 1; t < nt; ++t) th.emplace_back(work, t);
+  work(0);
+  for (auto& x : th) x.join();
+  for (int t = 0; t < nt; ++t)
+    if (failed[t]) return kOutOfMemory;
+  for (int t = 0; t < nt; ++t)
+    for (int64_t i = 0; i < cols * k; ++i) a.out[i] += outs[t][i];
+  return kOk;
+}
+
+}  // namespace
+
+Status normal_apply(const NormalArgs& a) {
+  if (a.rows < 0 || a.cols <= 0 || a.k <= 0 || !a.w || !a.out || (a.rows > 0 && !a.x)) return kInvalidArgument;
+  if (static_cast<int>(a.dtype) < 0 || static_cast<int>(a.dtype) > 3) return kUnsupportedDtype;
+  if (a.rows == 0) return kOk;
+  const NormalTable& nt = normal_kernels();
+  const int threads = std::max(1, a.num_threads);
+  if (a.single_precision) return run<float>(a, nt.f32, nt.vl_doubles * 2, threads);
+  return run<double>(a, nt.f64, nt.vl_doubles, threads);
+}
+
+}  // namespace rankme

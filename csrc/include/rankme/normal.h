@@ -1,0 +1,34 @@
+// Framework-agnostic fused normal operator: raw pointers, sizes, strides -> status (STYLE.md 1).
+#pragma once
+#include <cstdint>
+
+#include "rankme/gram.h"
+
+namespace rankme {
+
+// out (cols x k, row-major float64) += V^T (V W), V[r, c] = (double)x[r*stride_r + c*stride_c] -
+// col_shift[c] (col_shift may be null), W (cols x k, row-major float64): the normal operator
+// G W = X^T (X W) of the (shifted) data, reading X once: each block of rows is upcast and packed
+// into a cache-resident buffer, multiplied by W, and its transpose applied to the product while it
+// is still in cache. single_precision: the block products run in float32 (float32 sums over at most
+// kNormalBlockRows rows), the sums over blocks in float64; otherwise everything is float64.
+struct NormalArgs {
+  const void* x = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t stride_r = 0;
+  int64_t stride_c = 1;
+  const double* col_shift = nullptr;
+  const double* w = nullptr;
+  int64_t k = 0;
+  double* out = nullptr;
+  bool single_precision = true;
+  int num_threads = 1;
+};
+
+constexpr int64_t kNormalBlockRows = 256;
+
+Status normal_apply(const NormalArgs& args);
+
+}  // namespace rankme
