@@ -301,8 +301,8 @@ for name, x_t, consts in (
         ("fast_bf16", "*bf16", {"MODE": 0, "NATIVE16": True, "IN_PREC": "tf32x3"}),
         ("fast_f32", "*fp32", {"MODE": 0, "NATIVE16": False, "IN_PREC": "tf32x3"}),
         ("fp64", "*fp32", {"MODE": 1, "NATIVE16": False, "IN_PREC": "tf32x3"})):
-    c = dict(consts, HAS_RS=False, HAS_CS=False, WANT_CSUM=True, BM=128, BK=32 if name == "fp64" else 64,
-             FOLD=1 if name == "fp64" else 16)
+    c = dict(consts, HAS_RS=False, HAS_CS=False, WANT_CSUM=True, BM=128 if name != "fp64" else 64,
+             BK=32 if name == "fp64" else 64, FOLD=1 << 24 if name == "fp64" else 16, X_F64=False)
     ptx = comp(k._gram_float_kernel, dict(fsig, x_ptr=x_t), c)
     out[name] = ("wgmma" in ptx or "mma" in ptx, "mma" in ptx or "fma.rn.f64" in ptx)
 print(json.dumps(out))
