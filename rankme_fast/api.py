@@ -15,7 +15,9 @@ from .spectrum import Spectrum, spectrum
 
 
 def _spec(x: Any, center: Optional[bool], default_center: bool, method: str, precision: str, backend) -> Spectrum:
-    if isinstance(x, Spectrum):
+    from .approx import ApproxSpectrum  # noqa: PLC0415
+
+    if isinstance(x, (Spectrum, ApproxSpectrum)):
         if center is not None and bool(center) != x.centered:
             raise ValueError(
                 f"center={center} contradicts the given Spectrum (computed with centered={x.centered}); "

@@ -31,7 +31,12 @@ from . import metrics as _m
 from ._inputs import as_tensor, check_all_finite
 from .gram import eigvals_desc, exact_gram, fast_gram
 
-METHODS = ("auto", "svd", "gram")
+METHODS = ("auto", "svd", "gram", "randomized", "lanczos", "slq")
+APPROX = ("randomized", "lanczos", "slq")
+# method="auto" turns approximate only when the user accepts an error (rtol) at least this large and
+# the exact Gram would be large: SLQ's default settings are tuned for ~1% RankMe (see approx.py)
+AUTO_SLQ_RTOL = 1e-2
+AUTO_SLQ_MIN_D = 8192
 PRECISIONS = ("exact", "fast")
 EXACT_RANKME_RTOL = 1e-4
 FAST_RANKME_RTOL = 1e-2
@@ -174,6 +179,23 @@ def _fast_spectrum(x: torch.Tensor, center: bool):
     return lam.clamp_min(0.0).sqrt(), res.backend, notes
 
 
+def _auto_approx(n: int, d: int, rtol: Optional[float]) -> bool:
+    """Whether method='auto' should use SLQ: the caller tolerates ≥ 1% error and the d×d (or N×N)
+    float64 Gram is large — past AUTO_SLQ_MIN_D, or more than a quarter of the free memory."""
+    if rtol is None or rtol < AUTO_SLQ_RTOL:
+        return False
+    k = min(n, d)
+    if k >= AUTO_SLQ_MIN_D:
+        return True
+    try:
+        import psutil  # noqa: PLC0415 - optional
+
+        free = psutil.virtual_memory().available
+    except ImportError:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 1 << 40
+    return 8 * k * k > free // 4
+
+
 def spectrum(
     x: Any,
     *,
@@ -181,7 +203,9 @@ def spectrum(
     method: str = "auto",
     precision: str = "exact",
     backend: Optional[str] = None,
-) -> Spectrum:
+    rtol: Optional[float] = None,
+    **approx_options,
+):
     """Singular values σ_1 ≥ … ≥ σ_K of Z (or of Z - 1μᵀ when ``center``), K = min(N, d).
 
     Args:
@@ -189,8 +213,14 @@ def spectrum(
             any ``__dlpack__`` object; float64/32/16 or bfloat16. Or a path (file, shard directory,
             glob; see :func:`rankme_fast.score`), streamed with O(d²) memory.
         center: subtract the column mean first (per batch item for 3-D input).
-        method: "auto" | "svd" | "gram" (see module docstring).
+        method: "auto" | "svd" | "gram" (exact) or "randomized" | "lanczos" | "slq" (approximate:
+            an :class:`~rankme_fast.approx.ApproxSpectrum` with estimates and error bars, see
+            :mod:`rankme_fast.approx`). "auto" stays exact unless ``rtol`` ≥ 1e-2 and the Gram would be
+            large (min(N, d) ≥ 8192 or 8·min(N, d)² bytes > a quarter of free memory): then "slq".
         precision: "exact" | "fast".
+        rtol: the relative error the caller accepts (only consulted by method="auto").
+        **approx_options: for approximate methods — k, seed, oversample, power_iters, tol, probes,
+            steps, deflate (see :func:`rankme_fast.approx.approx_spectrum`).
         backend: Gram backend, "auto" | "cpu" | "cuda" | "triton" | "torch" (default:
             ``RANKME_FAST_BACKEND`` or auto: the native CPU kernel for CPU tensors, the measured-best
             GPU kernel for CUDA tensors — see :mod:`rankme_fast.backends`).
@@ -199,6 +229,27 @@ def spectrum(
         TypeError / ValueError for invalid input (DESIGN §6), including NaN/Inf (count and first row).
     """
     _check(method, precision, backend)
+    if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}")
+    if approx_options and method not in APPROX + ("auto",):
+        raise ValueError(f"options {sorted(approx_options)} apply to approximate methods {APPROX} only")
+    if method in APPROX or (method == "auto" and not isinstance(x, (str, os.PathLike))):
+        t = None if isinstance(x, (str, os.PathLike)) else as_tensor(x, ndim=(2, 3))
+        if method == "auto" and (t is None or t.ndim != 2 or not _auto_approx(*t.shape, rtol)):
+            if approx_options:
+                raise ValueError(f"options {sorted(approx_options)} apply to approximate methods only; "
+                                 "method='auto' chose an exact one here")
+        else:
+            if t is None or t.ndim != 2:
+                raise ValueError(f"method={method!r} needs one in-memory (N, d) matrix "
+                                 "(not a path or a (B, N, d) batch)")
+            if precision != "exact":
+                raise ValueError(f"method={method!r} has its own error control; leave precision='exact'")
+            check_all_finite(t)
+            from .approx import approx_spectrum  # noqa: PLC0415
+
+            return approx_spectrum(t, method="slq" if method == "auto" else method, center=center, rtol=rtol,
+                                   **approx_options)
     if isinstance(x, (str, os.PathLike)):
         if method not in ("auto", "gram") or precision != "exact":
             raise ValueError("a path is streamed through the exact Gram accumulator: use method='auto' or 'gram' "
