@@ -240,7 +240,7 @@ def test_float64_square_overflow(shape, method, backend):
 @pytest.mark.parametrize(
     ("kwargs", "exc", "pattern"),
     [
-        ({"method": "eig"}, ValueError, r"method must be one of \('auto', 'svd', 'gram'\), got 'eig'"),
+        ({"method": "eig"}, ValueError, r"method must be one of \('auto', 'svd', 'gram', 'randomized', 'lanczos', 'slq'\), got 'eig'"),
         ({"method": "SVD"}, ValueError, r"method must be one of .*got 'SVD'"),
         ({"precision": "double"}, ValueError, r"precision must be one of \('exact', 'fast'\), got 'double'"),
         ({"precision": None}, ValueError, r"precision must be one of .*got None"),
