@@ -437,7 +437,8 @@ class ApproxSpectrum:
 
 def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[int] = None, seed: int = 0,
                     oversample: int = 10, power_iters: int = 2, tol: float = 1e-6, probes: int = 32,
-                    steps: int = 60, deflate: Optional[int] = None, rtol: Optional[float] = None) -> ApproxSpectrum:
+                    steps: int = 60, deflate: Optional[int] = None, deflate_tol: float = 1e-6,
+                    rtol: Optional[float] = None) -> ApproxSpectrum:
     """Approximate spectrum of a validated (N, d) tensor by ``method`` (see module docstring)."""
     if method not in APPROX_METHODS:
         raise ValueError(f"method must be one of {APPROX_METHODS}, got {method!r}")
@@ -466,7 +467,7 @@ def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[i
     else:
         kd = deflate if deflate is not None else min(kmax, max(k, 64))
         if kd:
-            top = lanczos_topk(op, kd, tol=tol, seed=seed)
+            top = lanczos_topk(op, kd, tol=deflate_tol, seed=seed)
             basis = top.vectors
         else:
             top = TopK(torch.zeros(0, dtype=F64), torch.zeros(d, 0, dtype=F64), torch.zeros(0, dtype=F64), 0, True)
