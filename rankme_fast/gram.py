@@ -50,28 +50,35 @@ def shift_for(mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mean.to(dtype).to(torch.float64) if dtype != torch.float64 else mean
 
 
+def _backend_gram(be, x: torch.Tensor, *, center: bool, **kw) -> tuple[torch.Tensor, bool]:
+    """(G, transposed): the k×k view (upper triangle valid) of ``be``'s padded float64 buffer holding the
+    Gram of x (N×d) — the N×N one when N < d — or of its centred rows, with the centring of the module
+    docstring; ``kw`` goes to ``be.gram_update``."""
+    n, d = x.shape
+    transposed = n < d
+    v = x.T if transposed else x
+    k = v.shape[1]
+    g = torch.zeros(be.padded(k), be.padded(k), dtype=torch.float64, device=x.device)
+    if not center:
+        be.gram_update(v, g, **kw)
+    elif transposed:
+        be.gram_update(v, g, row_shift=_column_means(x), **kw)  # one mean per row of v
+    else:
+        shift = shift_for(x[: min(n, SHIFT_ROWS)].to(torch.float64).mean(0), x.dtype)
+        csum = torch.zeros(k, dtype=torch.float64, device=x.device)
+        be.gram_update(v, g, col_sum=csum, col_shift=shift, **kw)
+        g[:k, :k].sub_(torch.outer(csum, csum), alpha=1.0 / n)
+    return g[:k, :k], transposed
+
+
 def exact_gram(
     x: torch.Tensor, *, center: bool, backend: Optional[str] = None, num_threads: Optional[int] = None
 ) -> GramResult:
     """Float64-exact Gram of a validated 2-D tensor ``x`` (N×d)."""
     n, d = x.shape
     be = backends.select(backend, x.device, dtype=x.dtype, shape=(n, d))
-    transposed = n < d
-    v = x.T if transposed else x
-    k = v.shape[1]
-    size = be.padded(k)
-    g = torch.zeros(size, size, dtype=torch.float64, device=x.device)
-    if not center:
-        be.gram_update(v, g, num_threads=num_threads)
-    elif transposed:
-        mu = _column_means(x)  # one value per row of v
-        be.gram_update(v, g, row_shift=mu, num_threads=num_threads)
-    else:
-        shift = shift_for(x[: min(n, SHIFT_ROWS)].to(torch.float64).mean(0), x.dtype)
-        csum = torch.zeros(k, dtype=torch.float64, device=x.device)
-        be.gram_update(v, g, col_sum=csum, col_shift=shift, num_threads=num_threads)
-        g[:k, :k].sub_(torch.outer(csum, csum), alpha=1.0 / n)
-    return GramResult(g[:k, :k], n, d, transposed, be.NAME)
+    g, transposed = _backend_gram(be, x, center=center, num_threads=num_threads)
+    return GramResult(g, n, d, transposed, be.NAME)
 
 
 def fast_gram(x: torch.Tensor, *, center: bool, basis: Optional[torch.Tensor] = None) -> GramResult:
@@ -129,28 +136,17 @@ def _fast_gram_gpu(x: torch.Tensor, *, center: bool) -> Optional[GramResult]:
             break
     if be is None:
         return None
-    transposed = n < d
-    v = x.T if transposed else x
-    k = v.shape[1]
-    amax = float(v.abs().max())
+    amax = float(x.abs().max())
     if not math.isfinite(amax):
-        return GramResult(torch.full((k, k), math.nan, dtype=torch.float64, device=x.device), n, d, transposed,
+        k = min(n, d)
+        return GramResult(torch.full((k, k), math.nan, dtype=torch.float64, device=x.device), n, d, n < d,
                           be.NAME + "-fast")
     # power of two keeping squares (times rows) inside float32's range
     scale = 2.0 ** min(126, max(-126, -math.floor(math.log2(amax)))) if amax > 0 else 1.0
     if x.dtype == torch.float16:
         scale = 1.0  # fp16 squares always fit float32, and scaling down would push fp16 values subnormal
-    g = torch.zeros(be.padded(k), be.padded(k), dtype=torch.float64, device=x.device)
-    if not center:
-        be.gram_update(v, g, precision="fast", scale=scale)
-    elif transposed:
-        be.gram_update(v, g, row_shift=_column_means(x), precision="fast", scale=scale)
-    else:
-        shift = shift_for(x[: min(n, SHIFT_ROWS)].to(torch.float64).mean(0), x.dtype)
-        csum = torch.zeros(k, dtype=torch.float64, device=x.device)
-        be.gram_update(v, g, col_sum=csum, col_shift=shift, precision="fast", scale=scale)
-        g[:k, :k].sub_(torch.outer(csum, csum), alpha=1.0 / n)
-    return GramResult(_sym_upper(g[:k, :k]), n, d, transposed, be.NAME + "-fast")
+    g, transposed = _backend_gram(be, x, center=center, precision="fast", scale=scale)
+    return GramResult(_sym_upper(g), n, d, transposed, be.NAME + "-fast")
 
 
 def eigvals_desc(g: torch.Tensor) -> torch.Tensor:

@@ -160,3 +160,18 @@ def test_bad_data_for_approx():
         rf.spectrum(x, method="randomized")
     with pytest.raises(ValueError, match="all singular values are zero"):
         rf.spectrum(torch.zeros(100, 8), method="lanczos")
+
+
+@pytest.mark.parametrize("shape", [(50, 1), (1, 40)], ids=["d=1", "N=1"])
+@pytest.mark.parametrize("method", ["randomized", "lanczos", "slq"])
+def test_single_singular_value(method, shape):
+    """K = 1: the one σ is found exactly and RankMe = (1 + ε)^-(1+ε), inside its own range."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    ref = ref_sv(x)
+    s = rf.spectrum(x, method=method)
+    assert s.singular_values.numel() == 1
+    assert float(s.singular_values[0]) == pytest.approx(float(ref[0]), rel=1e-12)
+    want = np_rankme(ref.numpy())
+    assert s.rankme() == pytest.approx(want, rel=1e-12)
+    lo, hi = s.rankme_interval()
+    assert lo <= want <= hi

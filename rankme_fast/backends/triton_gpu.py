@@ -9,6 +9,7 @@ input (override with ``RANKME_FAST_TRITON_MODE=int8|fp64`` — the benchmark com
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -97,9 +98,6 @@ def gram_update(
     if precision not in ("exact", "fast"):
         raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
     mode = exact_mode(x.dtype) if precision == "exact" else "fast"
-    if x.device.type == "cuda":
-        with torch.cuda.device(x.device):
-            mod.gram_update(x, gram, col_sum=col_sum, row_shift=row_shift, col_shift=col_shift, mode=mode,
-                            scale=scale)
-    else:
+    # launch on x's GPU whatever the current device is (CPU tensors: the interpreter)
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         mod.gram_update(x, gram, col_sum=col_sum, row_shift=row_shift, col_shift=col_shift, mode=mode, scale=scale)
