@@ -33,6 +33,7 @@ from .gram import _column_means
 
 APPROX_METHODS = ("randomized", "lanczos", "slq")
 F64 = torch.float64
+_EMPTY = torch.zeros(0, dtype=F64)
 
 
 class NormalOperator:
@@ -160,45 +161,51 @@ def lanczos_topk(op: NormalOperator, k: int, *, block: Optional[int] = None, tol
 
 @dataclass
 class Quadrature:
-    """Per-probe Gauss quadrature of the deflated operator: nodes θ (P, m), weights τ (P, m), and the
-    rule of the first ⌈m/2⌉ Lanczos steps (``half_nodes``/``half_weights``): the change between the two
-    estimates the quadrature error, which the probe bootstrap cannot see."""
+    """Per-probe quadrature rules for tr h(G): nodes θ (P, n), weights τ (P, n), and the rule of the first
+    ⌈m/2⌉ Lanczos steps (``half_nodes``/``half_weights``): the change between the two estimates the
+    quadrature error, which the probe bootstrap cannot see. Deflated pairs appear in every probe's rule
+    as extra nodes with negative weights (see :func:`slq_quadrature`)."""
     nodes: torch.Tensor
     weights: torch.Tensor
     half_nodes: torch.Tensor
     half_weights: torch.Tensor
 
 
-def slq_quadrature(op: NormalOperator, basis: torch.Tensor, *, probes: int = 32, steps: int = 60,
-                   seed: int = 0) -> Quadrature:
-    """Lanczos quadrature for Rademacher probes projected off span(basis); all probes advance as one
-    block of independent recurrences (one operator pass per step)."""
-    d = op.d
-    g = torch.Generator().manual_seed(seed + 1)
-    z = torch.randint(0, 2, (d, probes), generator=g).to(F64) * 2 - 1
+def default_probes(dim: int) -> int:
+    """Probe count for an operator of size ``dim``: the Hutchinson variance of a spread-out spectrum falls
+    like 1/(probes·dim), so probes·dim ≈ 2^17 (8 probes at dim ≥ 16384, up to 64 for small problems,
+    where probes cost little)."""
+    return int(min(64, max(8, -(-(1 << 17) // max(dim, 1)))))
 
-    def proj(w):
-        if basis.shape[1]:
-            w = w - basis @ (basis.T @ w)
-            w = w - basis @ (basis.T @ w)
-        return w
 
-    z = proj(z)
-    norms = torch.linalg.vector_norm(z, dim=0)
-    m = max(1, min(steps, d - basis.shape[1]))
-    q = z / norms.clamp_min(1e-300)
-    qs = [q]
-    alphas, betas = [], []
+def default_steps(n_rows: int, dim: int) -> int:
+    """Lanczos steps per probe: 60 where one operator pass is costly (N·D ≥ 2^26), else 150 (passes are
+    cheap there, and the extra steps resolve smooth, widely spread spectra — exponential decay over the
+    whole range — to well under 1%); never more than D."""
+    return int(min(dim, 60 if n_rows * dim >= (1 << 26) else 150))
+
+
+def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int):
+    """Independent Lanczos recurrences for the unit columns of ``q`` (d, P), advanced together (one operator
+    pass per step), each fully reorthogonalised (twice) against its own basis. Returns (alphas, betas, qs,
+    ws): per-step coefficient rows (P,), and the Lanczos vectors and their images G q as (P, steps, d)."""
+    d, probes = q.shape
+    qs = torch.zeros(probes, m, d, dtype=F64)
+    ws = torch.zeros(probes, m, d, dtype=F64)
     prev = torch.zeros_like(q)
     beta = torch.zeros(probes, dtype=F64)
     alive = torch.ones(probes, dtype=torch.bool)
+    alphas, betas = [], []
     for j in range(m):
-        w = proj(op.apply(q))
-        a = (q * w).sum(0)
-        w = w - q * a - prev * beta
-        basis_j = torch.stack(qs, 0)  # (j+1, d, P): full reorthogonalisation per probe
-        w = w - torch.einsum("jdp,jp->dp", basis_j, torch.einsum("jdp,dp->jp", basis_j, w))
-        w = proj(w)
+        qs[:, j] = q.T
+        gq = op.apply(q)
+        ws[:, j] = gq.T
+        a = (q * gq).sum(0)
+        w = (gq - q * a - prev * beta).T.unsqueeze(2)  # (P, d, 1)
+        basis = qs[:, : j + 1]  # (P, j+1, d)
+        for _ in range(2):  # twice is enough
+            w = w - basis.transpose(1, 2) @ (basis @ w)
+        w = w.squeeze(2).T
         alphas.append(a * alive)
         bn = torch.linalg.vector_norm(w, dim=0)
         # a breakdown (invariant subspace) ends that probe's recurrence: later steps add nothing
@@ -208,13 +215,76 @@ def slq_quadrature(op: NormalOperator, basis: torch.Tensor, *, probes: int = 32,
         betas.append(bn * alive)
         prev, q = q, torch.where(alive, w / bn.clamp_min(1e-300), torch.zeros_like(w))
         beta = bn * alive
-        qs.append(q)
+    n = len(alphas)
+    return alphas, betas, qs[:, :n], ws[:, :n]
+
+
+def _union_ritz(qs, ws, max_cols: int = 512):
+    """Rayleigh–Ritz of G on the span of the Lanczos vectors ``qs`` (P, steps, d) (images G q in ``ws``),
+    probe by probe up to ``max_cols`` columns. The spans overlap where the top eigenvectors have converged,
+    so the union is orthonormalised through its SVD, dropping directions below 1e-8 of the largest."""
+    probes, steps, d = qs.shape
+    n_p = max(1, min(probes, max_cols // max(steps, 1)))
+    q = qs[:n_p].reshape(-1, d).T  # (d, n_p·steps)
+    w = ws[:n_p].reshape(-1, d).T
+    live = torch.linalg.vector_norm(q, dim=0) > 0  # recurrences that broke down left zero columns
+    q, w = q[:, live], w[:, live]
+    try:
+        _, sv, vh = torch.linalg.svd(q, full_matrices=False)
+        v = vh.T
+    except torch.linalg.LinAlgError:  # LAPACK's gesdd can fail to converge on highly repeated values
+        s2, v = torch.linalg.eigh(q.T @ q)
+        sv, v = s2.clamp_min(0).sqrt().flip(0), v.flip(1)
+    keep = sv > 1e-8 * float(sv[0])
+    c = v[:, keep] / sv[keep]
+    return _ritz(q @ c, w @ c)
+
+
+def _converged(theta, res, limit: int, tol: float) -> int:
+    """Length of the leading run of Ritz pairs with residual ≤ tol·θ_1 (at most ``limit``)."""
+    good = (res <= tol * max(float(theta[0]), 1e-300)) & (theta > 0)
+    return int(min(limit, int(torch.cumprod(good.to(torch.int64), 0).sum())))
+
+
+def slq_quadrature(op: NormalOperator, *, probes: int = 8, steps: int = 60, deflate: int = 64,
+                   deflate_tol: float = 1e-6, seed: int = 0):
+    """Stochastic Lanczos quadrature, deflated with eigenpairs from the probes' own Krylov spaces.
+
+    Rademacher probes z_p (‖z‖² = D) each run ``steps`` Lanczos steps on G, giving the Gauss rule
+    zᵀ h(G) z ≈ D Σ_j τ_pj h(θ_pj). The probes are split in two halves; Rayleigh–Ritz on the union of one
+    half's Krylov spaces gives eigenpairs (θ_i, u_i), and up to ``deflate`` of them with residual ≤
+    ``deflate_tol``·θ_1 serve as a control variate for the probes of the *other* half (so u_i does not
+    depend on the probe it corrects): for an invariant subspace U,
+        tr h(G) = Σ_i h(λ_i) + E[z⊥ᵀ h(G) z⊥],   z⊥ᵀ h(G) z⊥ = zᵀ h(G) z − Σ_i (u_iᵀz)² h(λ_i),
+    so each probe's rule gains the nodes θ_i with weights 1 − (u_iᵀz)², and tr h(G) ≈ mean_p(rule_p) — in
+    Girard's normalised form: the complement part is scaled by (D − k)/‖z⊥‖², exact for a flat tail.
+    That has the variance of deflating first, without separate block-Lanczos passes. Returns
+    (Quadrature, TopK): the top pairs from the union of all probes' spaces (reported, not used above).
+    """
+    d = op.d
+    g = torch.Generator().manual_seed(seed + 1)
+    z = torch.randint(0, 2, (d, probes), generator=g).to(F64) * 2 - 1
+    m = max(1, min(steps, d))
+    alphas, betas, qs, ws = _block_lanczos_probes(op, z / math.sqrt(d), m)
+    halves = (torch.arange(0, (probes + 1) // 2), torch.arange((probes + 1) // 2, probes))
+    cv = []  # per half: (θ, weights (k, P) = 1 − (u_iᵀ z_p)²), applied to the other half's probes
+    for h in halves:
+        theta, u, res = _union_ritz(qs[h], ws[h])
+        n = _converged(theta, res, deflate, deflate_tol)
+        c = (u[:, :n].T @ z) ** 2  # (k, P): (u_iᵀ z_p)²
+        # Girard's normalisation in the complement: the (d − k)-dimensional part of each probe is rescaled
+        # to its expected squared length, exact for a flat tail (z⊥ᵀ h z⊥ / ‖z⊥‖² · (d − k))
+        scale = (d - n) / (d - c.sum(0)).clamp_min(1e-300)
+        cv.append((theta[:n].clamp_min(0), 1 - c * scale, scale))
+    theta, u, res = _union_ritz(qs, ws)
+    n_top = _converged(theta, res, deflate, deflate_tol)
+    top = TopK(theta[:n_top].clamp_min(0), u[:, :n_top], res[:n_top], op.passes, True)
     steps_done = len(alphas)
-    dim = d - basis.shape[1]
+    width = max(c[0].numel() for c in cv)
 
     def rule(n_steps):
-        nodes = torch.zeros(probes, n_steps, dtype=F64)
-        weights = torch.zeros(probes, n_steps, dtype=F64)
+        nodes = torch.zeros(probes, n_steps + width, dtype=F64)
+        weights = torch.zeros(probes, n_steps + width, dtype=F64)
         for p in range(probes):
             al = torch.stack([a[p] for a in alphas[:n_steps]])
             be = torch.stack([b[p] for b in betas[: n_steps - 1]]) if n_steps > 1 else torch.zeros(0, dtype=F64)
@@ -226,14 +296,15 @@ def slq_quadrature(op: NormalOperator, basis: torch.Tensor, *, probes: int = 32,
                 t = t + torch.diag(be[: n_live - 1], 1) + torch.diag(be[: n_live - 1], -1)
             th, sv = torch.linalg.eigh(t)
             nodes[p, :n_live] = th.clamp_min(0)
-            # unit probes in the (d − k)-dimensional complement: E[(d − k) qᵀ h q] = tr_⊥ h, exact for a
-            # flat spectrum (Girard's normalised estimator; lower variance than ‖z‖²-weighted Hutchinson)
-            weights[p, :n_live] = sv[0] ** 2 * dim
+            th_cv, w_cv, scale = cv[1] if p < halves[0].numel() else cv[0]
+            weights[p, :n_live] = sv[0] ** 2 * d * scale[p]  # ‖z‖² = d for Rademacher probes
+            nodes[p, n_steps : n_steps + th_cv.numel()] = th_cv
+            weights[p, n_steps : n_steps + th_cv.numel()] = w_cv[:, p]
         return nodes, weights
 
     nodes, weights = rule(steps_done)
     half_nodes, half_weights = rule(max(1, (steps_done + 1) // 2))
-    return Quadrature(nodes, weights, half_nodes, half_weights)
+    return Quadrature(nodes, weights, half_nodes, half_weights), top
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,13 +389,18 @@ class ApproxSpectrum:
             conc[full] = math.sqrt(max(0.0, t2 - full * sk**2))
         return flat, conc
 
-    def _slq_tail(self, eps: float, probes: Optional[torch.Tensor] = None, half: bool = False):
-        """(Σ_tail σ, h ↦ Σ_tail h) from the quadrature, over all d eigenvalues minus the
-        d − K structural zeros."""
+    def _slq_tail(self, eps: float, probes: Optional[torch.Tensor] = None, half: bool = False,
+                  floor: Optional[str] = None):
+        """(Σ σ, h ↦ Σ h) from the quadrature, over all D eigenvalues of the operator minus its D − K
+        structural zeros. ``floor``: "up" / "down" moves every node by the operator's resolution floor
+        (the two ends of what a float64 operator can tell apart)."""
         q = self.quadrature
         idx = probes if probes is not None else torch.arange(q.nodes.shape[0])
         nodes, w = (q.half_nodes, q.half_weights) if half else (q.nodes, q.weights)
         nodes, w = nodes[idx], w[idx]
+        if floor is not None:
+            f = self._resolution_floor()
+            nodes = nodes + f if floor == "up" else (nodes - f).clamp_min(0)
         zeros = (self.operator_dim or self.n_features) - self.rank_dims
         tail_sum = float((w * nodes.sqrt()).sum(1).mean())
 
@@ -333,12 +409,20 @@ class ApproxSpectrum:
             return est - zeros * float(_h(torch.zeros(1, dtype=F64), s, eps)[0])
         return tail_sum, tail_h
 
+    def _resolution_floor(self) -> float:
+        """The float64 operator's absolute eigenvalue resolution, ~ D·ε₆₄·λ_1: every computed eigenvalue
+        is known only to within it (eigenvalues below it are indistinguishable from 0)."""
+        dim = self.operator_dim or self.n_features
+        lam1 = max(float(self.quadrature.nodes.max()), float(self.singular_values[0]) ** 2 if
+                   self.singular_values.numel() else 0.0)
+        return 8.0 * dim * 2.0**-52 * lam1
+
     # -- metrics -----------------------------------------------------------------------------
     def rankme(self, eps: float = _m.RANKME_EPS) -> float:
         """Point estimate of RankMe (see :meth:`rankme_interval` for its range)."""
         _check_eps(eps)
         if self.method == "slq":
-            return _rankme_from_parts(self.singular_values, *self._slq_tail(eps), eps)
+            return _rankme_from_parts(_EMPTY, *self._slq_tail(eps), eps)
         lo, hi = self.rankme_interval(eps)
         return math.sqrt(lo * hi)
 
@@ -352,7 +436,8 @@ class ApproxSpectrum:
         """randomized / lanczos: (lower, upper) of RankMe over the computed head moved within its
         residual bounds and the two extreme tails consistent with it and the exact Frobenius mass
         (flat, or concentrated at σ_k). slq: a percentile bootstrap over the probes, widened by the
-        quadrature-error estimate (full rule vs the half-length rule) and by the head's residuals."""
+        quadrature-error estimate (full rule vs the half-length rule) and by the operator's resolution
+        floor (every eigenvalue moved by ±D·ε₆₄·λ_1)."""
         _check_eps(eps)
         lo_h, hi_h = self._head_range()
         if self.method == "slq":
@@ -361,15 +446,15 @@ class ApproxSpectrum:
             vals = []
             for _ in range(n_boot):
                 idx = torch.randint(0, n, (n,), generator=g)
-                vals.append(_rankme_from_parts(self.singular_values, *self._slq_tail(eps, idx), eps))
+                vals.append(_rankme_from_parts(_EMPTY, *self._slq_tail(eps, idx), eps))
             v = torch.tensor(vals, dtype=F64)
             a = (1 - level) / 2
             lo, hi = float(torch.quantile(v, a)), float(torch.quantile(v, 1 - a))
             est = self.rankme(eps)
-            quad_err = abs(est - _rankme_from_parts(self.singular_values, *self._slq_tail(eps, half=True), eps))
-            head = [_rankme_from_parts(h, *self._slq_tail(eps), eps) for h in (lo_h, hi_h)]
-            spread = max(abs(x - est) for x in head)
-            return min(lo, est) - quad_err - spread, max(hi, est) + quad_err + spread
+            quad_err = abs(est - _rankme_from_parts(_EMPTY, *self._slq_tail(eps, half=True), eps))
+            ends = [_rankme_from_parts(_EMPTY, *self._slq_tail(eps, floor=f), eps) for f in ("down", "up")]
+            # (and the evaluation of RankMe itself rounds: never claim more than ~1e-12 relative)
+            return (min(lo, est, *ends) - quad_err) * (1 - 1e-12), (max(hi, est, *ends) + quad_err) * (1 + 1e-12)
         # Tail mass = tr G − Σ head², known up to the float64 rounding of both sums (relative ~1e-13
         # of tr G, which on collapsed data is as large as the true tail) and the head's own range.
         slack = 1e-13 * self.frobenius2
@@ -413,7 +498,7 @@ class ApproxSpectrum:
             raise ValueError(f"participation_ratio needs the whole spectrum: use method='slq' or an exact method "
                              f"(this spectrum is {self.method!r}, top-{self.singular_values.numel()} only)")
         q = self.quadrature
-        lam2 = float((self.singular_values**4).sum()) + float((q.weights * q.nodes**2).sum(1).mean())
+        lam2 = float((q.weights * q.nodes**2).sum(1).mean())
         return self.frobenius2**2 / lam2
 
     def _unsupported(self, name: str):
@@ -436,8 +521,8 @@ class ApproxSpectrum:
 
 
 def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[int] = None, seed: int = 0,
-                    oversample: int = 10, power_iters: int = 2, tol: float = 1e-6, probes: int = 32,
-                    steps: int = 60, deflate: Optional[int] = None, deflate_tol: float = 1e-6,
+                    oversample: int = 10, power_iters: int = 2, tol: float = 1e-6, probes: Optional[int] = None,
+                    steps: Optional[int] = None, deflate: Optional[int] = None, deflate_tol: float = 1e-6,
                     rtol: Optional[float] = None) -> ApproxSpectrum:
     """Approximate spectrum of a validated (N, d) tensor by ``method`` (see module docstring)."""
     if method not in APPROX_METHODS:
@@ -448,7 +533,7 @@ def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[i
         k = min(kmax, 32 if method != "slq" else 0)
     if not isinstance(k, int) or k < 0 or k > kmax or (k == 0 and method != "slq"):
         raise ValueError(f"k must be an int in {'0' if method == 'slq' else '1'}..min(N, d)={kmax}, got {k!r}")
-    for name, val, lo in (("probes", probes, 2), ("steps", steps, 1), ("oversample", oversample, 0),
+    for name, val, lo in (("probes", 8 if probes is None else probes, 2), ("steps", 60 if steps is None else steps, 1), ("oversample", oversample, 0),
                           ("power_iters", power_iters, 0)):
         if not isinstance(val, int) or val < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
@@ -465,14 +550,10 @@ def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[i
     elif method == "lanczos":
         top = lanczos_topk(op, k, tol=tol, seed=seed)
     else:
-        kd = deflate if deflate is not None else min(kmax, max(k, 64))
-        if kd:
-            top = lanczos_topk(op, kd, tol=deflate_tol, seed=seed)
-            basis = top.vectors
-        else:
-            top = TopK(torch.zeros(0, dtype=F64), torch.zeros(d, 0, dtype=F64), torch.zeros(0, dtype=F64), 0, True)
-            basis = top.vectors
-        quad = slq_quadrature(op, basis, probes=probes, steps=steps, seed=seed)
+        kd = deflate if deflate is not None else kmax  # every converged pair
+        steps = steps or default_steps(op.x.shape[0], d)
+        quad, top = slq_quadrature(op, probes=probes or default_probes(d), steps=steps, deflate=kd,
+                                   deflate_tol=deflate_tol, seed=seed)
     sv = top.eigenvalues.clamp_min(0).sqrt()
     return ApproxSpectrum(sv, frob2, n, x.shape[1], center, method, top.residuals, top.converged, op.passes,
                           quad, operator_dim=op.d, rtol=rtol)

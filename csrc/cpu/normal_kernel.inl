@@ -1,8 +1,12 @@
 // ISA-generic block kernels of the fused normal operator (included by gram_isa_*.cpp after
 // gram_kernel.inl, which defines RANKME_ISA_NS and RANKME_VL). One block: Y = P W, acc += P^T Y, with
-// P (b x cols) packed row-major, W (cols x kp) and Y (b x kp), kp a multiple of the vector width.
+// W (cols x kp) and Y (b x kp) row-major, kp a multiple of the vector width, and P (b x cols, b a
+// multiple of kNormalRowGroup) packed in row groups: element (r, c) at
+//   p[(r / G) * cols * G + c * G + r % G],   G = kNormalRowGroup,
+// so the G values of one column that Y = P W broadcasts are adjacent (rows of X lie d values apart: at a
+// power-of-two d, reading 16 of them side by side would hit one L1 set).
 // Both products keep 16 vector accumulators live: rows x vectors-per-k-row = 16 in Y = P W, and
-// columns x vectors-per-k-row = 16 in acc += P^T Y (columns of one cache line of P at a time).
+// columns x vectors-per-k-row = 16 in acc += P^T Y.
 #include "rankme/normal.h"
 
 namespace rankme {
@@ -14,25 +18,34 @@ static void block_t(const T* __restrict p, int64_t b, int64_t cols, const T* __r
   constexpr int L = RANKME_VL * 8 / static_cast<int>(sizeof(T));  // lanes of T per vector
   typedef T vt __attribute__((vector_size(L * sizeof(T))));
   constexpr int kp = NV * L;
-  constexpr int RB = 16 / NV;
+  constexpr int RB = 16 / NV;  // divides G = 16
+  constexpr int64_t G = kNormalRowGroup;
+  static_assert(G % RB == 0, "row blocks must not straddle row groups");
   auto ld = [](const T* q) { vt v; std::memcpy(&v, q, sizeof v); return v; };
   auto st = [](T* q, vt v) { std::memcpy(q, &v, sizeof v); };
-  // Y = P W, RB rows at a time: each W row loaded once per RB rows
-  for (int64_t r0 = 0; r0 < b; r0 += RB) {
-    const int rn = static_cast<int>(std::min<int64_t>(RB, b - r0));
-    vt s[RB][NV];
-    for (int i = 0; i < RB; ++i)
-      for (int v = 0; v < NV; ++v) s[i][v] = vt{};
-    for (int64_t j = 0; j < cols; ++j) {
-      vt wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = ld(w + j * kp + v * L);
-      for (int i = 0; i < RB; ++i) {
-        const T a = i < rn ? p[(r0 + i) * cols + j] : T(0);
-        for (int v = 0; v < NV; ++v) s[i][v] += a * wv[v];
+  // Y = P W, RB rows at a time, over column chunks of W small enough to stay in L2 while every row
+  // group of the block passes over them (at large d, W itself is megabytes: streaming all of it once
+  // per RB rows would make the product L3-bound)
+  constexpr int64_t CJ = std::max<int64_t>(64, (int64_t(128) << 10) / (int64_t(kp) * int64_t(sizeof(T))));
+  for (int64_t j0 = 0; j0 < cols; j0 += CJ) {
+    const int64_t j1 = std::min(cols, j0 + CJ);
+    for (int64_t r0 = 0; r0 < b; r0 += RB) {
+      vt s[RB][NV];
+      for (int i = 0; i < RB; ++i)
+        for (int v = 0; v < NV; ++v) s[i][v] = j0 > 0 ? ld(y + (r0 + i) * kp + v * L) : vt{};
+      const T* pg = p + (r0 / G) * cols * G + r0 % G;
+      for (int64_t j = j0; j < j1; ++j) {
+        vt wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = ld(w + j * kp + v * L);
+        const T* pj = pg + j * G;
+        for (int i = 0; i < RB; ++i) {
+          const T a = pj[i];
+          for (int v = 0; v < NV; ++v) s[i][v] += a * wv[v];
+        }
       }
+      for (int i = 0; i < RB; ++i)
+        for (int v = 0; v < NV; ++v) st(y + (r0 + i) * kp + v * L, s[i][v]);
     }
-    for (int i = 0; i < rn; ++i)
-      for (int v = 0; v < NV; ++v) st(y + (r0 + i) * kp + v * L, s[i][v]);
   }
   // acc += P^T Y, JG columns at a time: each Y row loaded once per JG columns
   constexpr int JG = 16 / NV;
@@ -44,9 +57,9 @@ static void block_t(const T* __restrict p, int64_t b, int64_t cols, const T* __r
     for (int64_t r = 0; r < b; ++r) {
       vt yv[NV];
       for (int v = 0; v < NV; ++v) yv[v] = ld(y + r * kp + v * L);
-      const T* pr = p + r * cols + j0;
+      const T* pr = p + (r / G) * cols * G + j0 * G + r % G;
       for (int i = 0; i < JG; ++i) {
-        const T a = i < jn ? pr[i] : T(0);
+        const T a = i < jn ? pr[i * G] : T(0);
         for (int v = 0; v < NV; ++v) s[i][v] += a * yv[v];
       }
     }
@@ -55,22 +68,15 @@ static void block_t(const T* __restrict p, int64_t b, int64_t cols, const T* __r
   }
 }
 
-static void block_f32(const float* p, int64_t b, int64_t cols, const float* w, int64_t kp, float* y, float* acc) {
-  constexpr int L = RANKME_VL * 2;
-  if (kp <= L) block_t<float, 1>(p, b, cols, w, y, acc);
-  else if (kp <= 2 * L) block_t<float, 2>(p, b, cols, w, y, acc);
-  else block_t<float, 4>(p, b, cols, w, y, acc);
+template <typename T>
+static void block_any(const T* p, int64_t b, int64_t cols, const T* w, int64_t kp, T* y, T* acc) {
+  constexpr int L = RANKME_VL * 8 / static_cast<int>(sizeof(T));
+  if (kp <= L) block_t<T, 1>(p, b, cols, w, y, acc);
+  else if (kp <= 2 * L) block_t<T, 2>(p, b, cols, w, y, acc);
+  else block_t<T, 4>(p, b, cols, w, y, acc);
 }
 
-static void block_f64(const double* p, int64_t b, int64_t cols, const double* w, int64_t kp, double* y,
-                      double* acc) {
-  constexpr int L = RANKME_VL;
-  if (kp <= L) block_t<double, 1>(p, b, cols, w, y, acc);
-  else if (kp <= 2 * L) block_t<double, 2>(p, b, cols, w, y, acc);
-  else block_t<double, 4>(p, b, cols, w, y, acc);
-}
-
-extern const NormalTable normal_table = {&block_f32, &block_f64, RANKME_VL};
+extern const NormalTable normal_table = {&block_any<float>, &block_any<double>, RANKME_VL};
 
 }  // namespace RANKME_ISA_NS
 }  // namespace rankme

@@ -8,9 +8,9 @@ namespace rankme {
 
 // out (cols x k, row-major float64) += V^T (V W), V[r, c] = (double)x[r*stride_r + c*stride_c] -
 // col_shift[c] (col_shift may be null), W (cols x k, row-major float64): the normal operator
-// G W = X^T (X W) of the (shifted) data, reading X once: each block of rows is upcast and packed
-// into a cache-resident buffer, multiplied by W, and its transpose applied to the product while it
-// is still in cache. single_precision: the block products run in float32 (float32 sums over at most
+// G W = X^T (X W) of the (shifted) data, reading X once: each block of rows (kNormalBlockBytes of
+// packed values, 16..kNormalBlockRows rows) is upcast and packed into a cache-resident buffer,
+// multiplied by W, and its transpose applied to the product while it is still in cache. single_precision: the block products run in float32 (float32 sums over at most
 // kNormalBlockRows rows), the sums over blocks in float64; otherwise everything is float64.
 struct NormalArgs {
   const void* x = nullptr;
@@ -28,6 +28,10 @@ struct NormalArgs {
 };
 
 constexpr int64_t kNormalBlockRows = 256;
+// rows of X packed side by side (normal_kernel.inl)
+constexpr int64_t kNormalRowGroup = 16;
+// bytes of the packed row block per thread (it must stay in cache between the block's two products)
+constexpr int64_t kNormalBlockBytes = int64_t(2) << 20;
 
 Status normal_apply(const NormalArgs& args);
 
