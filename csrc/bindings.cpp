@@ -62,6 +62,27 @@ static void normal_apply(uintptr_t x, int dtype, int64_t rows, int64_t cols, int
   if (st != rankme::kOk) throw std::invalid_argument(std::string("normal_apply: ") + rankme::status_string(st));
 }
 
+static double sum_squares(uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t stride_r, int64_t stride_c,
+                          uintptr_t col_shift, int num_threads) {
+  rankme::NormalArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.dtype = static_cast<rankme::DType>(dtype);
+  a.rows = rows;
+  a.cols = cols;
+  a.stride_r = stride_r;
+  a.stride_c = stride_c;
+  a.col_shift = reinterpret_cast<const double*>(col_shift);
+  a.num_threads = num_threads;
+  double out = 0.0;
+  rankme::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = rankme::sum_squares(a, &out);
+  }
+  if (st != rankme::kOk) throw std::invalid_argument(std::string("sum_squares: ") + rankme::status_string(st));
+  return out;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rankme_fast CPU kernels (framework-agnostic; no libtorch)";
   m.def("gram_update", &gram_update, "G += V^T V over row chunks in float64 (see csrc/include/rankme/gram.h)",
@@ -72,6 +93,9 @@ PYBIND11_MODULE(_C, m) {
         "out += X^T (X W) reading X once (see csrc/include/rankme/normal.h)", py::arg("x"), py::arg("dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("stride_r"), py::arg("stride_c"), py::arg("col_shift"),
         py::arg("w"), py::arg("k"), py::arg("out"), py::arg("single_precision"), py::arg("num_threads"));
+  m.def("sum_squares", &sum_squares, "sum of squares of the (shifted) data in float64, one pass",
+        py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("stride_r"), py::arg("stride_c"),
+        py::arg("col_shift"), py::arg("num_threads"));
   m.def("gram_isa", &rankme::gram_isa, "instruction set the Gram kernel dispatches to on this CPU");
   m.attr("PANEL") = rankme::kPanel;
 }

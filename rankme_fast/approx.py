@@ -1,7 +1,8 @@
 """Approximate spectra for large d: randomized SVD, block Lanczos, stochastic Lanczos quadrature.
 
 All three work with the d×d normal operator G = VᵀV (V = Z, or Z − 1μᵀ when centred) through
-``G W = Vᵀ(V W)`` (:class:`NormalOperator`, the fused one-pass kernel on CPU), never forming G. The
+``G W = Vᵀ(V W)`` (:class:`NormalOperator`: the fused one-pass kernel, C++ on CPU and Triton on CUDA),
+never forming G. The
 exact Frobenius mass Σσ² = tr G comes from one extra float64 pass.
 
 ``randomized``  Halko–Martinsson–Tropp: Gaussian start (k + oversample columns), ``power_iters``
@@ -10,13 +11,16 @@ exact Frobenius mass Σσ² = tr G comes from one extra float64 pass.
                 eigenvalues of G.
 ``lanczos``     block Lanczos with full reorthogonalisation until the top-k residuals fall below
                 ``tol``·θ_1 (or ``max_iters`` blocks); the residual report comes with the result.
-``slq``         stochastic Lanczos quadrature with deflation: the top ``deflate`` eigenpairs come from
-                block Lanczos and are counted exactly; Rademacher probes projected onto their
-                orthogonal complement each run ``steps`` Lanczos steps, whose Ritz values θ and squared
-                first eigenvector components τ form a quadrature rule, tr h(G) ≈ Σ_top h(λ) +
-                mean_probes Σ τ h(θ). RankMe uses the same nodes twice: S = tr G^{1/2} = ‖σ‖₁, then
-                tr h_S(G) with h_S(λ) = −(√λ/S + ε) log(√λ/S + ε). The interval is a percentile
-                bootstrap over the probes (95%).
+``slq``         stochastic Lanczos quadrature in two phases (:func:`slq_quadrature`): a few block
+                Lanczos steps from random starts find the top eigenpairs, which are counted exactly
+                (deflation); then Rademacher probes in their orthogonal complement (``probes``; default
+                by size, :func:`default_probes`) run ``steps`` Lanczos steps on the deflated operator,
+                all probes as one block (one operator pass per step). Each probe's Ritz values θ and
+                squared first eigenvector components τ form a Gauss rule. RankMe uses the same nodes
+                twice: S = tr G^{1/2} = ‖σ‖₁, then tr h_S(G) with h_S(λ) = −(√λ/S + ε) log(√λ/S + ε);
+                the Gauss values after m − 2h, m − h and m steps are extrapolated (Aitken's Δ²). The
+                interval is a percentile bootstrap over the probes (95%) spread around everything from
+                the Gauss value to its extrapolation, and the operator's rounding floor.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ import torch
 from . import metrics as _m
 from .backends import cpu as _cpu
 from .backends import torch_ref as _torch_ref
+from .backends import triton_gpu as _triton
+from ._inputs import check_all_finite
 from .gram import _column_means
 
 APPROX_METHODS = ("randomized", "lanczos", "slq")
@@ -37,7 +43,8 @@ _EMPTY = torch.zeros(0, dtype=F64)
 
 
 class NormalOperator:
-    """W ↦ G W = Vᵀ(V W) for the (N, d) embeddings ``x`` (V = x − 1μᵀ when ``center``), float64 out.
+    """W ↦ G W = Vᵀ(V W) for the (N, d) embeddings ``x`` (V = x − 1μᵀ when ``center``), float64 out:
+    the fused kernel of the tensor's device (C++ on CPU, Triton on CUDA), else torch in float64.
 
     ``single_precision``: the native kernel's float32 blocks (fast; ~1e-7·‖G‖ operator error, enough for
     the top of the spectrum); otherwise float64 throughout (what quadrature over the whole spectrum
@@ -60,17 +67,24 @@ class NormalOperator:
         self.d = self.x.shape[1]
         self.single_precision = single_precision
         self.native = x.device.type == "cpu" and _cpu.available(x.device)[0]
+        self.triton = x.device.type == "cuda" and _triton.available(x.device)[0]
         self.passes = 0
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """G w for a (d, k) float64 CPU block (the result is a float64 CPU block too)."""
         self.passes += 1
         if self.native:
             return _cpu.normal_apply(self.x, w, col_shift=self.mu, single_precision=self.single_precision)
+        if self.triton:
+            return _triton.normal_apply(self.x, w.to(self.x.device), col_shift=self.mu,
+                                        single_precision=self.single_precision).to(w.device)
         return _torch_ref.normal_apply(self.x, w.to(self.x.device), col_shift=self.mu).to(w.device)
 
     def trace(self) -> float:
-        """tr G = Σ_r ‖v_r‖² = Σσ², exactly in float64 (one pass)."""
+        """tr G = Σ_r ‖v_r‖² = Σσ², exactly in float64 (one pass; non-finite data give a non-finite sum)."""
         self.passes += 1
+        if self.native:
+            return _cpu.sum_squares(self.x, col_shift=self.mu)
         total = 0.0
         step = max(1, (1 << 22) // max(self.d, 1))
         for r0 in range(0, self.x.shape[0], step):
@@ -161,14 +175,13 @@ def lanczos_topk(op: NormalOperator, k: int, *, block: Optional[int] = None, tol
 
 @dataclass
 class Quadrature:
-    """Per-probe quadrature rules for tr h(G): nodes θ (P, n), weights τ (P, n), and the rule of the first
-    ⌈m/2⌉ Lanczos steps (``half_nodes``/``half_weights``): the change between the two estimates the
-    quadrature error, which the probe bootstrap cannot see. Deflated pairs appear in every probe's rule
-    as extra nodes with negative weights (see :func:`slq_quadrature`)."""
+    """Per-probe quadrature rules for tr h(G): nodes θ (P, n) and weights τ (P, n) of the full m-step
+    rule, and ``shorter``: the rules of the first m − 2h and m − h steps (h = ⌊m/4⌋). Gauss quadrature of
+    √λ-type functions converges geometrically in the steps once the spectrum's edge is resolved, so the
+    three estimates are extrapolated (Aitken's Δ²) — see :meth:`ApproxSpectrum.rankme`."""
     nodes: torch.Tensor
     weights: torch.Tensor
-    half_nodes: torch.Tensor
-    half_weights: torch.Tensor
+    shorter: tuple = ()
 
 
 def default_probes(dim: int) -> int:
@@ -178,17 +191,20 @@ def default_probes(dim: int) -> int:
     return int(min(64, max(8, -(-(1 << 17) // max(dim, 1)))))
 
 
-def default_steps(n_rows: int, dim: int) -> int:
-    """Lanczos steps per probe: 60 where one operator pass is costly (N·D ≥ 2^26), else 150 (passes are
-    cheap there, and the extra steps resolve smooth, widely spread spectra — exponential decay over the
-    whole range — to well under 1%); never more than D."""
-    return int(min(dim, 60 if n_rows * dim >= (1 << 26) else 150))
+def default_steps(n_rows: int, dim: int) -> tuple:
+    """(deflation steps, quadrature steps) per probe: (20, 40) where one operator pass is costly
+    (N·D ≥ 2^26), else (150, 150) — passes are cheap there: the deflation then resolves most of a small
+    spectrum exactly and the quadrature the rest of smooth, widely spread ones (exponential decay over the
+    whole range) to well under 1%; never more than D."""
+    big = n_rows * dim >= (1 << 26)
+    return int(min(dim, 20 if big else 150)), int(min(dim, 40 if big else 150))
 
 
-def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int):
+def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int, basis: Optional[torch.Tensor] = None):
     """Independent Lanczos recurrences for the unit columns of ``q`` (d, P), advanced together (one operator
-    pass per step), each fully reorthogonalised (twice) against its own basis. Returns (alphas, betas, qs,
-    ws): per-step coefficient rows (P,), and the Lanczos vectors and their images G q as (P, steps, d)."""
+    pass per step), each fully reorthogonalised (twice) against its own basis and, when ``basis`` (d, k)
+    is given, run on the deflated operator (I − UUᵀ) G (I − UUᵀ). Returns (alphas, betas, qs, ws):
+    per-step coefficient rows (P,), and the Lanczos vectors and their images as (P, steps, d)."""
     d, probes = q.shape
     qs = torch.zeros(probes, m, d, dtype=F64)
     ws = torch.zeros(probes, m, d, dtype=F64)
@@ -196,16 +212,23 @@ def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int):
     beta = torch.zeros(probes, dtype=F64)
     alive = torch.ones(probes, dtype=torch.bool)
     alphas, betas = [], []
+
+    def proj(w):
+        if basis is not None and basis.shape[1]:
+            for _ in range(2):
+                w = w - basis @ (basis.T @ w)
+        return w
+
     for j in range(m):
         qs[:, j] = q.T
-        gq = op.apply(q)
+        gq = proj(op.apply(q))
         ws[:, j] = gq.T
         a = (q * gq).sum(0)
         w = (gq - q * a - prev * beta).T.unsqueeze(2)  # (P, d, 1)
-        basis = qs[:, : j + 1]  # (P, j+1, d)
+        vs = qs[:, : j + 1]  # (P, j+1, d)
         for _ in range(2):  # twice is enough
-            w = w - basis.transpose(1, 2) @ (basis @ w)
-        w = w.squeeze(2).T
+            w = w - vs.transpose(1, 2) @ (vs @ w)
+        w = proj(w.squeeze(2).T)
         alphas.append(a * alive)
         bn = torch.linalg.vector_norm(w, dim=0)
         # a breakdown (invariant subspace) ends that probe's recurrence: later steps add nothing
@@ -222,89 +245,91 @@ def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int):
 def _union_ritz(qs, ws, max_cols: int = 512):
     """Rayleigh–Ritz of G on the span of the Lanczos vectors ``qs`` (P, steps, d) (images G q in ``ws``),
     probe by probe up to ``max_cols`` columns. The spans overlap where the top eigenvectors have converged,
-    so the union is orthonormalised through its SVD, dropping directions below 1e-8 of the largest."""
+    so the union is orthonormalised through the eigendecomposition of its Gram matrix, dropping directions
+    below 1e-6 of the largest singular value (the eigenvalues of QᵀQ are rounded at ~1e-16)."""
     probes, steps, d = qs.shape
     n_p = max(1, min(probes, max_cols // max(steps, 1)))
     q = qs[:n_p].reshape(-1, d).T  # (d, n_p·steps)
     w = ws[:n_p].reshape(-1, d).T
     live = torch.linalg.vector_norm(q, dim=0) > 0  # recurrences that broke down left zero columns
     q, w = q[:, live], w[:, live]
-    try:
-        _, sv, vh = torch.linalg.svd(q, full_matrices=False)
-        v = vh.T
-    except torch.linalg.LinAlgError:  # LAPACK's gesdd can fail to converge on highly repeated values
-        s2, v = torch.linalg.eigh(q.T @ q)
-        sv, v = s2.clamp_min(0).sqrt().flip(0), v.flip(1)
-    keep = sv > 1e-8 * float(sv[0])
-    c = v[:, keep] / sv[keep]
+    s2, v = torch.linalg.eigh(q.T @ q)
+    keep = s2 > 1e-12 * float(s2[-1])
+    c = v[:, keep] / s2[keep].sqrt()
     return _ritz(q @ c, w @ c)
 
 
 def _converged(theta, res, limit: int, tol: float) -> int:
-    """Length of the leading run of Ritz pairs with residual ≤ tol·θ_1 (at most ``limit``)."""
-    good = (res <= tol * max(float(theta[0]), 1e-300)) & (theta > 0)
+    """Length of the leading run of Ritz pairs with residual ≤ tol·θ_i (each accurate relative to its
+    own size: a small eigenvalue counted exactly must be right, not just small; at most ``limit``)."""
+    good = (res <= tol * theta) & (theta > 0)
     return int(min(limit, int(torch.cumprod(good.to(torch.int64), 0).sum())))
 
 
-def slq_quadrature(op: NormalOperator, *, probes: int = 8, steps: int = 60, deflate: int = 64,
-                   deflate_tol: float = 1e-6, seed: int = 0):
-    """Stochastic Lanczos quadrature, deflated with eigenpairs from the probes' own Krylov spaces.
+def _gauss_rule(alphas, betas, p: int, n_steps: int):
+    """Nodes and weights (squared first eigenvector components) of probe p's first n_steps Lanczos
+    steps; a recurrence that stopped early keeps only its live part."""
+    al = torch.stack([a[p] for a in alphas[:n_steps]])
+    be = torch.stack([b[p] for b in betas[: n_steps - 1]]) if n_steps > 1 else torch.zeros(0, dtype=F64)
+    n_live = n_steps
+    if be.numel() and bool((be == 0).any()):
+        n_live = int((be == 0).nonzero()[0, 0]) + 1
+    t = torch.diag(al[:n_live])
+    if n_live > 1:
+        t = t + torch.diag(be[: n_live - 1], 1) + torch.diag(be[: n_live - 1], -1)
+    th, sv = torch.linalg.eigh(t)
+    return th.clamp_min(0), sv[0] ** 2
 
-    Rademacher probes z_p (‖z‖² = D) each run ``steps`` Lanczos steps on G, giving the Gauss rule
-    zᵀ h(G) z ≈ D Σ_j τ_pj h(θ_pj). The probes are split in two halves; Rayleigh–Ritz on the union of one
-    half's Krylov spaces gives eigenpairs (θ_i, u_i), and up to ``deflate`` of them with residual ≤
-    ``deflate_tol``·θ_1 serve as a control variate for the probes of the *other* half (so u_i does not
-    depend on the probe it corrects): for an invariant subspace U,
-        tr h(G) = Σ_i h(λ_i) + E[z⊥ᵀ h(G) z⊥],   z⊥ᵀ h(G) z⊥ = zᵀ h(G) z − Σ_i (u_iᵀz)² h(λ_i),
-    so each probe's rule gains the nodes θ_i with weights 1 − (u_iᵀz)², and tr h(G) ≈ mean_p(rule_p) — in
-    Girard's normalised form: the complement part is scaled by (D − k)/‖z⊥‖², exact for a flat tail.
-    That has the variance of deflating first, without separate block-Lanczos passes. Returns
-    (Quadrature, TopK): the top pairs from the union of all probes' spaces (reported, not used above).
+
+def slq_quadrature(op: NormalOperator, *, probes: int = 8, steps: int = 40, deflate_steps: int = 20,
+                   deflate: int = 512, deflate_tol: float = 1e-6, seed: int = 0):
+    """Deflated stochastic Lanczos quadrature in two phases.
+
+    1. Deflation: ``probes`` Gaussian start vectors run ``deflate_steps`` Lanczos steps (one block pass
+       per step); Rayleigh–Ritz on the union of their Krylov spaces gives the top eigenpairs, and the
+       leading ones with residual ≤ ``deflate_tol``·θ_i (at most ``deflate``) form U. They are counted
+       exactly: tr h(G) = Σ_i h(θ_i) + tr h((I − UUᵀ) G (I − UUᵀ)) restricted to the complement.
+    2. Quadrature: fresh Rademacher probes, projected onto the complement of U, run ``steps`` Lanczos
+       steps on the deflated operator; each gives a Gauss rule (D − k)·Σ_j τ_j h(θ_j) (Girard's
+       normalised estimator: unit probes in the (D − k)-dimensional complement, exact for a flat tail).
+       All of phase 2's steps resolve the tail, none the head.
+    The head enters every probe's rule as nodes θ_i with weight 1. Returns (Quadrature, TopK of U).
     """
     d = op.d
     g = torch.Generator().manual_seed(seed + 1)
-    z = torch.randint(0, 2, (d, probes), generator=g).to(F64) * 2 - 1
-    m = max(1, min(steps, d))
-    alphas, betas, qs, ws = _block_lanczos_probes(op, z / math.sqrt(d), m)
-    halves = (torch.arange(0, (probes + 1) // 2), torch.arange((probes + 1) // 2, probes))
-    cv = []  # per half: (θ, weights (k, P) = 1 − (u_iᵀ z_p)²), applied to the other half's probes
-    for h in halves:
-        theta, u, res = _union_ritz(qs[h], ws[h])
-        n = _converged(theta, res, deflate, deflate_tol)
-        c = (u[:, :n].T @ z) ** 2  # (k, P): (u_iᵀ z_p)²
-        # Girard's normalisation in the complement: the (d − k)-dimensional part of each probe is rescaled
-        # to its expected squared length, exact for a flat tail (z⊥ᵀ h z⊥ / ‖z⊥‖² · (d − k))
-        scale = (d - n) / (d - c.sum(0)).clamp_min(1e-300)
-        cv.append((theta[:n].clamp_min(0), 1 - c * scale, scale))
+    m1 = max(1, min(deflate_steps, d))
+    start = torch.randn(d, probes, generator=g, dtype=F64)
+    _, _, qs, ws = _block_lanczos_probes(op, start / torch.linalg.vector_norm(start, dim=0), m1)
     theta, u, res = _union_ritz(qs, ws)
     n_top = _converged(theta, res, deflate, deflate_tol)
     top = TopK(theta[:n_top].clamp_min(0), u[:, :n_top], res[:n_top], op.passes, True)
-    steps_done = len(alphas)
-    width = max(c[0].numel() for c in cv)
+    basis = u[:, :n_top]
+    dim = d - n_top
+    z = torch.randint(0, 2, (d, probes), generator=g).to(F64) * 2 - 1
+    for _ in range(2):
+        z = z - basis @ (basis.T @ z)
+    norms = torch.linalg.vector_norm(z, dim=0)
+    m = max(1, min(steps, dim))
+    if dim == 0:  # the deflation captured the whole space
+        alphas, betas = [torch.zeros(probes, dtype=F64)], []
+    else:
+        alphas, betas, _, _ = _block_lanczos_probes(op, z / norms.clamp_min(1e-300), m, basis)
 
     def rule(n_steps):
-        nodes = torch.zeros(probes, n_steps + width, dtype=F64)
-        weights = torch.zeros(probes, n_steps + width, dtype=F64)
+        nodes = torch.zeros(probes, n_steps + n_top, dtype=F64)
+        weights = torch.zeros(probes, n_steps + n_top, dtype=F64)
         for p in range(probes):
-            al = torch.stack([a[p] for a in alphas[:n_steps]])
-            be = torch.stack([b[p] for b in betas[: n_steps - 1]]) if n_steps > 1 else torch.zeros(0, dtype=F64)
-            n_live = n_steps  # a recurrence that stopped early: keep only its live part
-            if be.numel() and bool((be == 0).any()):
-                n_live = int((be == 0).nonzero()[0, 0]) + 1
-            t = torch.diag(al[:n_live])
-            if n_live > 1:
-                t = t + torch.diag(be[: n_live - 1], 1) + torch.diag(be[: n_live - 1], -1)
-            th, sv = torch.linalg.eigh(t)
-            nodes[p, :n_live] = th.clamp_min(0)
-            th_cv, w_cv, scale = cv[1] if p < halves[0].numel() else cv[0]
-            weights[p, :n_live] = sv[0] ** 2 * d * scale[p]  # ‖z‖² = d for Rademacher probes
-            nodes[p, n_steps : n_steps + th_cv.numel()] = th_cv
-            weights[p, n_steps : n_steps + th_cv.numel()] = w_cv[:, p]
+            th, tau = _gauss_rule(alphas, betas, p, n_steps)
+            nodes[p, : th.numel()] = th
+            weights[p, : th.numel()] = tau * dim
+            nodes[p, n_steps:] = top.eigenvalues
+            weights[p, n_steps:] = 1.0
         return nodes, weights
 
-    nodes, weights = rule(steps_done)
-    half_nodes, half_weights = rule(max(1, (steps_done + 1) // 2))
-    return Quadrature(nodes, weights, half_nodes, half_weights), top
+    steps_done = len(alphas)
+    h = steps_done // 4
+    shorter = tuple(rule(steps_done - j * h) for j in (2, 1)) if h >= 1 else ()
+    return Quadrature(*rule(steps_done), shorter), top
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,14 +414,15 @@ class ApproxSpectrum:
             conc[full] = math.sqrt(max(0.0, t2 - full * sk**2))
         return flat, conc
 
-    def _slq_tail(self, eps: float, probes: Optional[torch.Tensor] = None, half: bool = False,
+    def _slq_tail(self, eps: float, probes: Optional[torch.Tensor] = None, rule: int = -1,
                   floor: Optional[str] = None):
-        """(Σ σ, h ↦ Σ h) from the quadrature, over all D eigenvalues of the operator minus its D − K
-        structural zeros. ``floor``: "up" / "down" moves every node by the operator's resolution floor
-        (the two ends of what a float64 operator can tell apart)."""
+        """(Σ σ, h ↦ Σ h) from quadrature rule ``rule`` (-1: the full one, 0/1: the shorter ones), over
+        all D eigenvalues of the operator minus its D − K structural zeros. ``floor``: "up" / "down" moves
+        every node by the operator's resolution floor (the two ends of what a float64 operator can tell
+        apart)."""
         q = self.quadrature
         idx = probes if probes is not None else torch.arange(q.nodes.shape[0])
-        nodes, w = (q.half_nodes, q.half_weights) if half else (q.nodes, q.weights)
+        nodes, w = (q.nodes, q.weights) if rule < 0 else q.shorter[rule]
         nodes, w = nodes[idx], w[idx]
         if floor is not None:
             f = self._resolution_floor()
@@ -408,6 +434,19 @@ class ApproxSpectrum:
             est = float((w * _h(nodes, s, eps)).sum(1).mean())
             return est - zeros * float(_h(torch.zeros(1, dtype=F64), s, eps)[0])
         return tail_sum, tail_h
+
+    def _slq_rankme(self, eps: float, probes: Optional[torch.Tensor] = None):
+        """(extrapolated estimate, full-rule Gauss value). The Gauss values R1, R2, R3 of m − 2h, m − h and
+        m steps are extrapolated by Aitken's Δ² when they converge geometrically (successive changes of
+        one sign, shrinking); otherwise the estimate is R3."""
+        r3 = _rankme_from_parts(_EMPTY, *self._slq_tail(eps, probes), eps)
+        if len(self.quadrature.shorter) != 2:
+            return r3, r3
+        r1, r2 = (_rankme_from_parts(_EMPTY, *self._slq_tail(eps, probes, rule=j), eps) for j in (0, 1))
+        d1, d2 = r2 - r1, r3 - r2
+        if d1 == 0 or abs(d1) <= 1e-12 * abs(r3) or not (0 < d2 / d1 < 1):
+            return r3, r3
+        return r3 - d2 * d2 / (d2 - d1), r3
 
     def _resolution_floor(self) -> float:
         """The float64 operator's absolute eigenvalue resolution, ~ D·ε₆₄·λ_1: every computed eigenvalue
@@ -422,7 +461,7 @@ class ApproxSpectrum:
         """Point estimate of RankMe (see :meth:`rankme_interval` for its range)."""
         _check_eps(eps)
         if self.method == "slq":
-            return _rankme_from_parts(_EMPTY, *self._slq_tail(eps), eps)
+            return self._slq_rankme(eps)[0]
         lo, hi = self.rankme_interval(eps)
         return math.sqrt(lo * hi)
 
@@ -435,9 +474,9 @@ class ApproxSpectrum:
     def rankme_interval(self, eps: float = _m.RANKME_EPS, *, level: float = 0.95, n_boot: int = 400) -> tuple:
         """randomized / lanczos: (lower, upper) of RankMe over the computed head moved within its
         residual bounds and the two extreme tails consistent with it and the exact Frobenius mass
-        (flat, or concentrated at σ_k). slq: a percentile bootstrap over the probes, widened by the
-        quadrature-error estimate (full rule vs the half-length rule) and by the operator's resolution
-        floor (every eigenvalue moved by ±D·ε₆₄·λ_1)."""
+        (flat, or concentrated at σ_k). slq: the percentile bootstrap over the probes (of the
+        extrapolated estimate) around every value the quadrature error allows — the Gauss value, its
+        extrapolation, and the extrapolation moved as far again — and the operator's resolution floor (every eigenvalue moved by ±D·ε₆₄·λ_1)."""
         _check_eps(eps)
         lo_h, hi_h = self._head_range()
         if self.method == "slq":
@@ -446,15 +485,24 @@ class ApproxSpectrum:
             vals = []
             for _ in range(n_boot):
                 idx = torch.randint(0, n, (n,), generator=g)
-                vals.append(_rankme_from_parts(_EMPTY, *self._slq_tail(eps, idx), eps))
+                vals.append(self._slq_rankme(eps, idx)[0])
             v = torch.tensor(vals, dtype=F64)
             a = (1 - level) / 2
             lo, hi = float(torch.quantile(v, a)), float(torch.quantile(v, 1 - a))
-            est = self.rankme(eps)
-            quad_err = abs(est - _rankme_from_parts(_EMPTY, *self._slq_tail(eps, half=True), eps))
+            est, gauss = self._slq_rankme(eps)
+            # quadrature error: the extrapolation is allowed to be off by its own size in either direction
+            # (the bootstrap cannot see this bias); without one, by the last step-block's change of the
+            # Gauss value
+            quad = [est, gauss, est - (gauss - est)]
+            if len(self.quadrature.shorter) == 2 and est == gauss:
+                r2 = _rankme_from_parts(_EMPTY, *self._slq_tail(eps, rule=1), eps)
+                quad += [gauss - (r2 - gauss), r2]
             ends = [_rankme_from_parts(_EMPTY, *self._slq_tail(eps, floor=f), eps) for f in ("down", "up")]
+            spread_lo, spread_hi = est - lo, hi - est
+            lo_all = min(min(quad) - spread_lo, *ends)
+            hi_all = max(max(quad) + spread_hi, *ends)
             # (and the evaluation of RankMe itself rounds: never claim more than ~1e-12 relative)
-            return (min(lo, est, *ends) - quad_err) * (1 - 1e-12), (max(hi, est, *ends) + quad_err) * (1 + 1e-12)
+            return lo_all * (1 - 1e-12), hi_all * (1 + 1e-12)
         # Tail mass = tr G − Σ head², known up to the float64 rounding of both sums (relative ~1e-13
         # of tr G, which on collapsed data is as large as the true tail) and the head's own range.
         slack = 1e-13 * self.frobenius2
@@ -522,9 +570,15 @@ class ApproxSpectrum:
 
 def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[int] = None, seed: int = 0,
                     oversample: int = 10, power_iters: int = 2, tol: float = 1e-6, probes: Optional[int] = None,
-                    steps: Optional[int] = None, deflate: Optional[int] = None, deflate_tol: float = 1e-6,
+                    steps: Optional[int] = None, deflate_steps: Optional[int] = None,
+                    deflate: Optional[int] = None, deflate_tol: float = 1e-6,
                     rtol: Optional[float] = None) -> ApproxSpectrum:
-    """Approximate spectrum of a validated (N, d) tensor by ``method`` (see module docstring)."""
+    """Approximate spectrum of a validated (N, d) tensor by ``method`` (see module docstring).
+
+    randomized: ``k`` (32), ``oversample``, ``power_iters``, ``seed``. lanczos: ``k``, ``tol`` (residual
+    ≤ tol·θ_1). slq: ``probes`` (None: :func:`default_probes`), ``steps`` (None: :func:`default_steps`),
+    ``deflate`` (at most this many converged pairs are deflated; None: all), ``deflate_tol``, ``seed``.
+    """
     if method not in APPROX_METHODS:
         raise ValueError(f"method must be one of {APPROX_METHODS}, got {method!r}")
     n, d = x.shape
@@ -533,7 +587,8 @@ def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[i
         k = min(kmax, 32 if method != "slq" else 0)
     if not isinstance(k, int) or k < 0 or k > kmax or (k == 0 and method != "slq"):
         raise ValueError(f"k must be an int in {'0' if method == 'slq' else '1'}..min(N, d)={kmax}, got {k!r}")
-    for name, val, lo in (("probes", 8 if probes is None else probes, 2), ("steps", 60 if steps is None else steps, 1), ("oversample", oversample, 0),
+    for name, val, lo in (("probes", 8 if probes is None else probes, 2), ("steps", 60 if steps is None else steps, 1),
+                          ("deflate_steps", 20 if deflate_steps is None else deflate_steps, 1), ("oversample", oversample, 0),
                           ("power_iters", power_iters, 0)):
         if not isinstance(val, int) or val < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
@@ -541,7 +596,10 @@ def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[i
     d = op.d
     frob2 = op.trace()
     if not math.isfinite(frob2):
-        raise ValueError("x: the data are not finite or their squares overflow float64")
+        # the trace pass doubles as the finiteness check (squares of ≤ 32-bit values cannot overflow
+        # float64): only now scan for the count and the first row of the non-finite values
+        check_all_finite(x)
+        raise ValueError("x: the squares of the data overflow float64")
     if frob2 == 0.0:
         raise ValueError("x: all singular values are zero; the spectral metrics are undefined")
     quad = None
@@ -551,9 +609,9 @@ def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[i
         top = lanczos_topk(op, k, tol=tol, seed=seed)
     else:
         kd = deflate if deflate is not None else kmax  # every converged pair
-        steps = steps or default_steps(op.x.shape[0], d)
-        quad, top = slq_quadrature(op, probes=probes or default_probes(d), steps=steps, deflate=kd,
-                                   deflate_tol=deflate_tol, seed=seed)
+        m1, m2 = default_steps(op.x.shape[0], d)
+        quad, top = slq_quadrature(op, probes=probes or default_probes(d), steps=steps or m2,
+                                   deflate_steps=deflate_steps or m1, deflate=kd, deflate_tol=deflate_tol, seed=seed)
     sv = top.eigenvalues.clamp_min(0).sqrt()
     return ApproxSpectrum(sv, frob2, n, x.shape[1], center, method, top.residuals, top.converged, op.passes,
                           quad, operator_dim=op.d, rtol=rtol)

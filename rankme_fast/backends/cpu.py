@@ -144,3 +144,21 @@ def normal_apply(
                      w64.data_ptr(), w64.shape[1], out.data_ptr(), bool(single_precision),
                      int(num_threads or default_threads()))
     return out
+
+
+def sum_squares(x: torch.Tensor, *, col_shift: Optional[torch.Tensor] = None, num_threads: Optional[int] = None) -> float:
+    """Σ_rc (x[r, c] − col_shift[c])² in float64, one pass over x (tr VᵀV); non-finite input gives a
+    non-finite result."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"native CPU backend unavailable: {_error}")
+    if x.ndim != 2 or x.device.type != "cpu":
+        raise ValueError(f"sum_squares expects a 2-D CPU tensor, got shape {tuple(x.shape)} on {x.device}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"native CPU backend does not support dtype {x.dtype}")
+    rows, cols = x.shape
+    if rows == 0 or cols == 0:
+        return 0.0
+    sr, sc = x.stride()
+    return float(mod.sum_squares(x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, sr, sc,
+                                 _vec(col_shift, cols, "col_shift"), int(num_threads or default_threads())))

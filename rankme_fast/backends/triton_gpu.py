@@ -101,3 +101,14 @@ def gram_update(
     # launch on x's GPU whatever the current device is (CPU tensors: the interpreter)
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         mod.gram_update(x, gram, col_sum=col_sum, row_shift=row_shift, col_shift=col_shift, mode=mode, scale=scale)
+
+
+def normal_apply(x: torch.Tensor, w: torch.Tensor, *, col_shift: Optional[torch.Tensor] = None,
+                 single_precision: bool = False) -> torch.Tensor:
+    """Fused ``Vᵀ(V W)`` on x's GPU (float64 (d, k) result there); see :mod:`rankme_fast.kernels.triton.normal`."""
+    if load() is None:
+        raise RuntimeError(f"Triton backend unavailable: {_error}")
+    from ..kernels.triton import normal  # noqa: PLC0415 - lazy by design
+
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        return normal.normal_apply(x, w, col_shift=col_shift, mode="fp32" if single_precision else "fp64")
