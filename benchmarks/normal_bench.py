@@ -4,7 +4,7 @@
 
 float32 X (N×d), float64 W (d×k) (torch's route gets W in float32). Routes, interleaved round by round
 so machine noise hits all alike; medians reported:
-  fused-f32   rankme_fast.backends.cpu.normal_apply(x, w)          float32 blocks of 256 rows, float64 sums
+  fused-f32   rankme_fast.backends.cpu.normal_apply(x, w)          float32 blocks of <= 256 rows, float64 sums
   fused-f64   rankme_fast.backends.cpu.normal_apply(x, w, single_precision=False)
   torch       x.T @ (x @ w32)                                      two sgemm passes over X
 """

@@ -220,7 +220,7 @@ def spectrum(
         precision: "exact" | "fast".
         rtol: the relative error the caller accepts (only consulted by method="auto").
         **approx_options: for approximate methods — k, seed, oversample, power_iters, tol, probes,
-            steps, deflate, deflate_tol (see :func:`rankme_fast.approx.approx_spectrum`).
+            steps, deflate_steps, deflate, deflate_tol (see :func:`rankme_fast.approx.approx_spectrum`).
         backend: Gram backend, "auto" | "cpu" | "cuda" | "triton" | "torch" (default:
             ``RANKME_FAST_BACKEND`` or auto: the native CPU kernel for CPU tensors, the measured-best
             GPU kernel for CUDA tensors — see :mod:`rankme_fast.backends`).

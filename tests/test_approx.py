@@ -1,4 +1,4 @@
-"""Approximate spectra (issue 5, in progress): randomized SVD, block Lanczos and stochastic Lanczos
+"""Approximate spectra (issue 5): randomized SVD, block Lanczos and stochastic Lanczos
 quadrature on the fused normal operator, against float64 SVD references; interval coverage over seeds;
 method selection and bad input."""
 from __future__ import annotations
@@ -161,6 +161,12 @@ def test_bad_data_for_approx():
     x[3, 2] = float("nan")
     with pytest.raises(ValueError, match="found 1 non-finite values"):
         rf.spectrum(x, method="randomized")
+    for center in (False, True):  # the trace pass finds it; the message names count and row
+        with pytest.raises(ValueError, match=r"found 1 non-finite values \(1 NaN, 0 Inf\).*first in row 3"):
+            rf.spectrum(x, method="slq", center=center)
+    big = torch.full((10, 4), 1e200, dtype=torch.float64)
+    with pytest.raises(ValueError, match="squares of the data overflow float64"):
+        rf.spectrum(big, method="lanczos")
     with pytest.raises(ValueError, match="all singular values are zero"):
         rf.spectrum(torch.zeros(100, 8), method="lanczos")
 

@@ -97,3 +97,31 @@ def test_normal_apply_empty_and_bad_input(native):
         native.normal_apply(torch.ones(3, 4, dtype=torch.int32), w)
     with pytest.raises(ValueError, match="col_shift: need a contiguous float64 CPU vector of length 4"):
         native.normal_apply(torch.ones(3, 4), w, col_shift=torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shift", [False, True], ids=["raw", "shifted"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sum_squares(native, dtype, shift, threads):
+    """tr VᵀV in float64 in one pass: against float64 torch, any strides; non-finite input → non-finite."""
+    x = _x(301, 37, dtype, offset=2.0 if shift else 0.0)
+    sh = x.to(torch.float64).mean(0) if shift else None
+    v = x.to(torch.float64) - (sh if shift else 0.0)
+    want = float((v * v).sum())
+    assert native.sum_squares(x, col_shift=sh, num_threads=threads) == pytest.approx(want, rel=1e-13)
+    xt = _x(37, 301, dtype).T  # strided view
+    assert native.sum_squares(xt, num_threads=threads) == pytest.approx(float((xt.double() ** 2).sum()), rel=1e-13)
+    bad = x.clone()
+    bad[200, 5] = float("nan")
+    assert native.sum_squares(bad, num_threads=threads) != native.sum_squares(bad, num_threads=threads)  # NaN
+    with pytest.raises(ValueError, match="2-D CPU tensor"):
+        native.sum_squares(x[0])
+
+
+def test_normal_apply_large_d_blocks(native):
+    """Wide rows (d = 20000: row blocks shrink to 16 rows) and a row count that is no multiple of the
+    row group, float64 blocks against float64 torch."""
+    x = _x(53, 20000, torch.float32)
+    w = torch.randn(20000, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = native.normal_apply(x, w, single_precision=False)
+    assert torch.allclose(got, _ref(x, w), rtol=0, atol=float(_bound(x, w, None, False).max()))

@@ -119,11 +119,15 @@ tgt = GPUTarget("cuda", 90, 32)
 out = {}
 sig = {"x_ptr": "*bf16", "stride_r": "i64", "stride_c": "i64", "n_rows": "i32", "n_cols": "i32", "cs_ptr": "*fp64",
        "w_ptr": "*fp64", "out_ptr": "*fp64", "rows_per_prog": "i32"}
-for mode, f64, bm in (("fp64", True, 32), ("fp32", False, 64)):
-    consts = {"HAS_CS": True, "F64": f64, "BM": bm, "BD": 64, "KP": 16}
-    s = dict(sig, **{c: "constexpr" for c in consts})
-    ptx = triton.compile(ASTSource(fn=k._normal_kernel, signature=s, constexprs=consts), target=tgt).asm["ptx"]
-    out[mode] = ("mma" in ptx or "fma.rn.f64" in ptx) if f64 else ("mma" in ptx or "fma.rn.f32" in ptx)
+for mode, f64 in (("fp64", True), ("fp32", False)):
+    ok = True
+    for kp, bd, warps in ((16, 64, 4), (64, 32, 8)):  # the launcher's two configurations
+        consts = {"HAS_CS": True, "F64": f64, "BM": 32, "BD": bd, "KP": kp}
+        s = dict(sig, **{c: "constexpr" for c in consts})
+        ptx = triton.compile(ASTSource(fn=k._normal_kernel, signature=s, constexprs=consts), target=tgt,
+                             options={"num_warps": warps}).asm["ptx"]
+        ok &= ("mma" in ptx or "fma.rn.f64" in ptx) if f64 else ("mma" in ptx or "fma.rn.f32" in ptx)
+    out[mode] = bool(ok)
 print(json.dumps(out))
 """
 

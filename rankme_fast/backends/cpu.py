@@ -121,7 +121,7 @@ def normal_apply(
         x: (N, d) float64/32/16 or bfloat16 CPU tensor, any strides.
         w: (d, k) block of vectors (any float dtype; used in float64 / float32).
         col_shift: optional (d,) float64 shift (a centred operator without forming Z − 1μᵀ).
-        single_precision: float32 products and sums within 256-row blocks, float64 across blocks
+        single_precision: float32 products and sums within blocks of ≤ 256 rows, float64 across blocks
             (relative error ~1e-7·|V|ᵀ|V||W|); False: float64 throughout.
     Returns: (d, k) float64.
     """

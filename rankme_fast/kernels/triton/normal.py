@@ -3,7 +3,7 @@
 Each program owns a contiguous slice of the rows and walks it in blocks of BM rows. For one block it
 computes Y = V_b W (BM × k, reducing over d in tiles of BD columns), then Vᵀ_b Y tile by tile into its
 own float64 partial of the output (d × KP). Between the two sweeps the block's BM×d tiles are re-read
-while still in L2 (at BM = 64 and bf16, a 16k-column block is 2 MB), so X crosses HBM once per
+while still in L2 (at BM = 32 and bf16, a 16k-column block is 1 MB), so X crosses HBM once per
 application. The partials are summed over programs in float64 by torch (deterministic, no atomics).
 
 Modes
@@ -93,7 +93,7 @@ def normal_apply(x: torch.Tensor, w: torch.Tensor, *, col_shift: Optional[torch.
     Args:
         col_shift: float64 (d,) subtracted from every row (centring), or None.
         mode: "fp64" | "fp32" (see the module docstring).
-        block_rows, block_cols: BM, BD (None: 64 × 64 on a GPU (32 × 64 for fp64), 32 × 64 interpreted).
+        block_rows, block_cols: BM, BD (None: 32 × 64 for k ≤ 16, 32 × 32 above).
         programs: row slices (None: 2 per SM; 2 in the interpreter).
     """
     if mode not in MODES:
@@ -117,8 +117,11 @@ def normal_apply(x: torch.Tensor, w: torch.Tensor, *, col_shift: Optional[torch.
                                        block_cols=block_cols, programs=programs) for j in range(0, k, MAX_K)], 1)
     kp = max(16, triton.next_power_of_2(k))
     f64 = mode == "fp64"
-    bm = block_rows or (32 if INTERPRET or f64 else 64)
-    bd = block_cols or 64
+    # BM = 32, and BD = 64 (4 warps) for KP = 16 or BD = 32 (8 warps) for wider W: no register spills at
+    # sm_90 in either mode for fp32/bf16 input (cuobjdump -res-usage, benchmarks/RESULTS.md)
+    bm = block_rows or 32
+    bd = block_cols or (64 if kp <= 16 else 32)
+    warps = 4 if kp <= 16 else 8
     nprog = max(1, min(programs or _programs(dev), -(-n // bm)))
     per = -(-(-(-n // nprog)) // bm) * bm  # rows per program, a multiple of BM
     nprog = -(-n // per)
@@ -128,5 +131,5 @@ def normal_apply(x: torch.Tensor, w: torch.Tensor, *, col_shift: Optional[torch.
     cs = col_shift.contiguous() if col_shift is not None else wp  # dummy pointer when absent
     _normal_kernel[(nprog,)](x, x.stride(0), x.stride(1), n, d, cs, wp, parts, per,
                              HAS_CS=col_shift is not None, F64=f64, BM=bm, BD=bd, KP=kp,
-                             num_warps=4)
+                             num_warps=warps)
     return parts.sum(0)[:, :k]
