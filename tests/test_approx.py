@@ -184,3 +184,19 @@ def test_single_singular_value(method, shape):
     assert s.rankme() == pytest.approx(want, rel=1e-12)
     lo, hi = s.rankme_interval()
     assert lo <= want <= hi
+
+
+def test_slq_extrapolation_improves_on_gauss():
+    """With too few steps for Gauss quadrature to converge (a power-law spectrum over 1024 columns, 20
+    steps), Aitken's extrapolation over 10/15/20 steps lands closer to the exact RankMe than the Gauss value
+    on every seed, and the interval (which spans both) contains the exact value."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 1024, generator=g) * torch.arange(1, 1025, dtype=torch.float32) ** -0.7
+    want = np_rankme(ref_sv(x).numpy())
+    for seed in range(3):
+        s = rf.spectrum(x, method="slq", steps=20, deflate_steps=10, probes=16, seed=seed)
+        est, gauss = s._slq_rankme(1e-7)
+        assert est == s.rankme() and est != gauss
+        assert abs(est - want) < abs(gauss - want)
+        lo, hi = s.rankme_interval()
+        assert lo <= want <= hi and lo <= gauss <= hi
