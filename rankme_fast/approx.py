@@ -583,13 +583,16 @@ def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[i
         raise ValueError(f"method must be one of {APPROX_METHODS}, got {method!r}")
     n, d = x.shape
     kmax = min(n, d)
+    if method == "slq" and k is not None:
+        raise ValueError("k does not apply to method='slq' (it deflates every pair its first phase converges; "
+                         "bound that with deflate=)")
     if k is None:
-        k = min(kmax, 32 if method != "slq" else 0)
-    if not isinstance(k, int) or k < 0 or k > kmax or (k == 0 and method != "slq"):
-        raise ValueError(f"k must be an int in {'0' if method == 'slq' else '1'}..min(N, d)={kmax}, got {k!r}")
+        k = min(kmax, 32)
+    if not isinstance(k, int) or k < 1 or k > kmax:
+        raise ValueError(f"k must be an int in 1..min(N, d)={kmax}, got {k!r}")
     for name, val, lo in (("probes", 8 if probes is None else probes, 2), ("steps", 60 if steps is None else steps, 1),
                           ("deflate_steps", 20 if deflate_steps is None else deflate_steps, 1), ("oversample", oversample, 0),
-                          ("power_iters", power_iters, 0)):
+                          ("power_iters", power_iters, 0), ("deflate", 0 if deflate is None else deflate, 0)):
         if not isinstance(val, int) or val < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
     op = NormalOperator(x, center=center)

@@ -144,6 +144,8 @@ def test_auto_stays_exact_unless_asked(matrices):
     ({"method": "lanczos", "k": 385}, r"k must be an int"),
     ({"method": "slq", "probes": 1}, r"probes must be an int >= 2"),
     ({"method": "slq", "steps": 0}, r"steps must be an int >= 1"),
+    ({"method": "slq", "deflate_steps": 0}, r"deflate_steps must be an int >= 1"),
+    ({"method": "slq", "k": 8}, r"k does not apply to method='slq'"),
     ({"method": "gram", "k": 5}, r"options \['k'\] apply to approximate methods"),
     ({"method": "slq", "precision": "fast"}, r"has its own error control"),
     ({"rtol": 2.0}, r"rtol must be a number in \(0, 1\)"),
