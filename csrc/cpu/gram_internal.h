@@ -43,8 +43,7 @@ struct KernelTable {
   TilesFn tiles;
 };
 
-// Fused normal operator blocks (normal_kernel.inl; p packed in row groups, b a multiple of
-// kNormalRowGroup): kp = k padded to a multiple of 4 vectors' worth
+// Fused normal operator blocks (normal_kernel.inl): kp = k padded to a multiple of 4 vectors' worth
 // of lanes at most; vl_doubles tells the driver the vector width.
 using NormalBlockF32 = void (*)(const float* p, int64_t b, int64_t cols, const float* w, int64_t kp, float* y,
                                 float* acc);

@@ -12,39 +12,25 @@
 namespace rankme {
 namespace {
 
-// Packs rows r0..r0+b-1 (shifted, upcast to T) in row groups of G = kNormalRowGroup (normal_kernel.inl);
-// rows past b up to the next multiple of G are zero. G x 8 tiles: 8 consecutive values of each of the G
-// rows are read, then written as 8 contiguous runs of G.
-constexpr int64_t kPrefetchAhead = 512;  // values
-
+// Packs rows r0..r0+b-1 (shifted, upcast to T) row-major into p (b x cols).
 template <typename In, typename T>
 void pack_rows(const NormalArgs& a, int64_t r0, int64_t b, T* p) {
-  constexpr int64_t G = kNormalRowGroup, C = 8;
   const In* x = static_cast<const In*>(a.x);
   const int64_t cols = a.cols, sc = a.stride_c;
   const double* shift = a.col_shift;
-  for (int64_t g0 = 0; g0 < b; g0 += G) {
-    T* pg = p + (g0 / G) * cols * G;
-    const int64_t gn = std::min(G, b - g0);
-    const In* rows[G];
-    for (int64_t i = 0; i < G; ++i) rows[i] = x + (r0 + g0 + std::min(i, gn - 1)) * a.stride_r;
-    for (int64_t c0 = 0; c0 < cols; c0 += C) {
-      const int64_t cn = std::min(C, cols - c0);
-      double t[G][C];
-      if (cn == C && sc == 1) {
-        // G concurrent row streams are more than the hardware prefetchers follow: ask ahead
-        if ((c0 * int64_t(sizeof(In))) % 64 == 0)
-          for (int64_t i = 0; i < G; ++i) __builtin_prefetch(rows[i] + std::min(c0 + kPrefetchAhead, cols - 1));
-        for (int64_t i = 0; i < G; ++i)
-          for (int64_t c = 0; c < C; ++c) t[i][c] = to_double(rows[i][c0 + c]);
+  for (int64_t r = 0; r < b; ++r) {
+    const In* row = x + (r0 + r) * a.stride_r;
+    T* dst = p + r * cols;
+    if (sc == 1) {  // contiguous rows: the loops vectorise
+      if (shift) {
+        for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(to_double(row[c]) - shift[c]);
       } else {
-        for (int64_t i = 0; i < G; ++i)
-          for (int64_t c = 0; c < cn; ++c) t[i][c] = to_double(rows[i][(c0 + c) * sc]);
+        for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(to_double(row[c]));
       }
-      for (int64_t c = 0; c < cn; ++c) {
-        const double s = shift ? shift[c0 + c] : 0.0;
-        for (int64_t i = 0; i < G; ++i) pg[(c0 + c) * G + i] = i < gn ? static_cast<T>(t[i][c] - s) : T(0);
-      }
+    } else if (shift) {
+      for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(to_double(row[c * sc]) - shift[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(to_double(row[c * sc]));
     }
   }
 }
@@ -79,9 +65,8 @@ Status run(const NormalArgs& a, void (*block)(const T*, int64_t, int64_t, const 
   }
   // Block rows: the packed block (B x cols in T) must stay cache-resident between its two products,
   // so B shrinks with d (at most kNormalBlockRows, the float32 partial-sum length).
-  const int64_t B = std::max<int64_t>(kNormalRowGroup,
-                                      std::min<int64_t>(kNormalBlockRows, kNormalBlockBytes / (cols * int64_t(sizeof(T)))) /
-                                          kNormalRowGroup * kNormalRowGroup);
+  const int64_t B = std::max<int64_t>(
+      16, std::min<int64_t>(kNormalBlockRows, kNormalBlockBytes / (cols * static_cast<int64_t>(sizeof(T)))));
   const int64_t nblocks = (a.rows + B - 1) / B;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks)));
   // float32 blocks: each block's sums (<= B rows) join a float64 total; float64 blocks accumulate in
@@ -103,11 +88,10 @@ Status run(const NormalArgs& a, void (*block)(const T*, int64_t, int64_t, const 
       const int64_t b0 = nblocks * t / nt, b1 = nblocks * (t + 1) / nt;
       for (int64_t bl = b0; bl < b1; ++bl) {
         const int64_t r0 = bl * B, b = std::min(B, a.rows - r0);
-        const int64_t bp = (b + kNormalRowGroup - 1) / kNormalRowGroup * kNormalRowGroup;
         pack_any<T>(a, r0, b, p.data());
         for (int64_t g = 0; g < ngroups; ++g) {
           if (kFlush) std::fill(acc[g].begin(), acc[g].end(), T(0));
-          block(p.data(), bp, cols, wg[g].data(), gp[g], y.data(), acc[g].data());
+          block(p.data(), b, cols, wg[g].data(), gp[g], y.data(), acc[g].data());
           if (kFlush) flush(g);
         }
       }

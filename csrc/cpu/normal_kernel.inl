@@ -1,12 +1,8 @@
 // ISA-generic block kernels of the fused normal operator (included by gram_isa_*.cpp after
 // gram_kernel.inl, which defines RANKME_ISA_NS and RANKME_VL). One block: Y = P W, acc += P^T Y, with
-// W (cols x kp) and Y (b x kp) row-major, kp a multiple of the vector width, and P (b x cols, b a
-// multiple of kNormalRowGroup) packed in row groups: element (r, c) at
-//   p[(r / G) * cols * G + c * G + r % G],   G = kNormalRowGroup,
-// so the G values of one column that Y = P W broadcasts are adjacent (rows of X lie d values apart: at a
-// power-of-two d, reading 16 of them side by side would hit one L1 set).
+// P (b x cols) packed row-major, W (cols x kp) and Y (b x kp), kp a multiple of the vector width.
 // Both products keep 16 vector accumulators live: rows x vectors-per-k-row = 16 in Y = P W, and
-// columns x vectors-per-k-row = 16 in acc += P^T Y.
+// columns x vectors-per-k-row = 16 in acc += P^T Y (columns of one cache line of P at a time).
 #include "rankme/normal.h"
 
 namespace rankme {
@@ -18,9 +14,7 @@ static void block_t(const T* __restrict p, int64_t b, int64_t cols, const T* __r
   constexpr int L = RANKME_VL * 8 / static_cast<int>(sizeof(T));  // lanes of T per vector
   typedef T vt __attribute__((vector_size(L * sizeof(T))));
   constexpr int kp = NV * L;
-  constexpr int RB = 16 / NV;  // divides G = 16
-  constexpr int64_t G = kNormalRowGroup;
-  static_assert(G % RB == 0, "row blocks must not straddle row groups");
+  constexpr int RB = 16 / NV;
   auto ld = [](const T* q) { vt v; std::memcpy(&v, q, sizeof v); return v; };
   auto st = [](T* q, vt v) { std::memcpy(q, &v, sizeof v); };
   // Y = P W, RB rows at a time, over column chunks of W small enough to stay in L2 while every row
@@ -30,20 +24,21 @@ static void block_t(const T* __restrict p, int64_t b, int64_t cols, const T* __r
   for (int64_t j0 = 0; j0 < cols; j0 += CJ) {
     const int64_t j1 = std::min(cols, j0 + CJ);
     for (int64_t r0 = 0; r0 < b; r0 += RB) {
+      const int rn = static_cast<int>(std::min<int64_t>(RB, b - r0));
       vt s[RB][NV];
       for (int i = 0; i < RB; ++i)
-        for (int v = 0; v < NV; ++v) s[i][v] = j0 > 0 ? ld(y + (r0 + i) * kp + v * L) : vt{};
-      const T* pg = p + (r0 / G) * cols * G + r0 % G;
+        for (int v = 0; v < NV; ++v) s[i][v] = (j0 > 0 && i < rn) ? ld(y + (r0 + i) * kp + v * L) : vt{};
+      const T* pr[RB];  // rows past the block's end repeat its last row (computed, never stored)
+      for (int i = 0; i < RB; ++i) pr[i] = p + (r0 + (i < rn ? i : rn - 1)) * cols;
       for (int64_t j = j0; j < j1; ++j) {
         vt wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = ld(w + j * kp + v * L);
-        const T* pj = pg + j * G;
         for (int i = 0; i < RB; ++i) {
-          const T a = pj[i];
+          const T a = pr[i][j];
           for (int v = 0; v < NV; ++v) s[i][v] += a * wv[v];
         }
       }
-      for (int i = 0; i < RB; ++i)
+      for (int i = 0; i < rn; ++i)
         for (int v = 0; v < NV; ++v) st(y + (r0 + i) * kp + v * L, s[i][v]);
     }
   }
@@ -57,9 +52,9 @@ static void block_t(const T* __restrict p, int64_t b, int64_t cols, const T* __r
     for (int64_t r = 0; r < b; ++r) {
       vt yv[NV];
       for (int v = 0; v < NV; ++v) yv[v] = ld(y + r * kp + v * L);
-      const T* pr = p + (r / G) * cols * G + j0 * G + r % G;
+      const T* pr = p + r * cols + j0;
       for (int i = 0; i < JG; ++i) {
-        const T a = i < jn ? pr[i * G] : T(0);
+        const T a = i < jn ? pr[i] : T(0);
         for (int v = 0; v < NV; ++v) s[i][v] += a * yv[v];
       }
     }

@@ -28,8 +28,6 @@ struct NormalArgs {
 };
 
 constexpr int64_t kNormalBlockRows = 256;
-// rows of X packed side by side (normal_kernel.inl)
-constexpr int64_t kNormalRowGroup = 16;
 // bytes of the packed row block per thread (it must stay in cache between the block's two products)
 constexpr int64_t kNormalBlockBytes = int64_t(2) << 20;
 
