@@ -37,9 +37,9 @@ static void gram_update(uintptr_t x, int dtype, int64_t rows, int64_t cols, int6
   if (st != rankme::kOk) throw std::invalid_argument(std::string("gram_update: ") + rankme::status_string(st));
 }
 
-static void normal_apply(uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t stride_r, int64_t stride_c,
-                         uintptr_t col_shift, uintptr_t w, int64_t k, uintptr_t out, bool single_precision,
-                         int num_threads) {
+// The data half of NormalArgs, shared by the normal operator and its trace pass.
+static rankme::NormalArgs data_args(uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t stride_r,
+                                    int64_t stride_c, uintptr_t col_shift, int num_threads) {
   rankme::NormalArgs a;
   a.x = reinterpret_cast<const void*>(x);
   a.dtype = static_cast<rankme::DType>(dtype);
@@ -48,11 +48,18 @@ static void normal_apply(uintptr_t x, int dtype, int64_t rows, int64_t cols, int
   a.stride_r = stride_r;
   a.stride_c = stride_c;
   a.col_shift = reinterpret_cast<const double*>(col_shift);
+  a.num_threads = num_threads;
+  return a;
+}
+
+static void normal_apply(uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t stride_r, int64_t stride_c,
+                         uintptr_t col_shift, uintptr_t w, int64_t k, uintptr_t out, bool single_precision,
+                         int num_threads) {
+  rankme::NormalArgs a = data_args(x, dtype, rows, cols, stride_r, stride_c, col_shift, num_threads);
   a.w = reinterpret_cast<const double*>(w);
   a.k = k;
   a.out = reinterpret_cast<double*>(out);
   a.single_precision = single_precision;
-  a.num_threads = num_threads;
   rankme::Status st;
   {
     py::gil_scoped_release nogil;
@@ -64,15 +71,7 @@ static void normal_apply(uintptr_t x, int dtype, int64_t rows, int64_t cols, int
 
 static double sum_squares(uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t stride_r, int64_t stride_c,
                           uintptr_t col_shift, int num_threads) {
-  rankme::NormalArgs a;
-  a.x = reinterpret_cast<const void*>(x);
-  a.dtype = static_cast<rankme::DType>(dtype);
-  a.rows = rows;
-  a.cols = cols;
-  a.stride_r = stride_r;
-  a.stride_c = stride_c;
-  a.col_shift = reinterpret_cast<const double*>(col_shift);
-  a.num_threads = num_threads;
+  const rankme::NormalArgs a = data_args(x, dtype, rows, cols, stride_r, stride_c, col_shift, num_threads);
   double out = 0.0;
   rankme::Status st;
   {

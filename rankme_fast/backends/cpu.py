@@ -107,6 +107,18 @@ def gram_update(
     )
 
 
+def _module_for(x: torch.Tensor, what: str):
+    """The loaded extension, after checking that ``x`` is a 2-D CPU tensor of a supported dtype."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"native CPU backend unavailable: {_error}")
+    if x.ndim != 2 or x.device.type != "cpu":
+        raise ValueError(f"{what} expects a 2-D CPU tensor, got shape {tuple(x.shape)} on {x.device}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"native CPU backend does not support dtype {x.dtype}")
+    return mod
+
+
 def normal_apply(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -125,13 +137,7 @@ def normal_apply(
             (relative error ~1e-7·|V|ᵀ|V||W|); False: float64 throughout.
     Returns: (d, k) float64.
     """
-    mod = load()
-    if mod is None:
-        raise RuntimeError(f"native CPU backend unavailable: {_error}")
-    if x.ndim != 2 or x.device.type != "cpu":
-        raise ValueError(f"normal_apply expects a 2-D CPU tensor, got shape {tuple(x.shape)} on {x.device}")
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(f"native CPU backend does not support dtype {x.dtype}")
+    mod = _module_for(x, "normal_apply")
     rows, cols = x.shape
     if w.ndim != 2 or w.shape[0] != cols or w.shape[1] < 1 or not w.is_floating_point() or w.device.type != "cpu":
         raise ValueError(f"w must be a (d={cols}, k) float CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}")
@@ -149,13 +155,7 @@ def normal_apply(
 def sum_squares(x: torch.Tensor, *, col_shift: Optional[torch.Tensor] = None, num_threads: Optional[int] = None) -> float:
     """Σ_rc (x[r, c] − col_shift[c])² in float64, one pass over x (tr VᵀV); non-finite input gives a
     non-finite result."""
-    mod = load()
-    if mod is None:
-        raise RuntimeError(f"native CPU backend unavailable: {_error}")
-    if x.ndim != 2 or x.device.type != "cpu":
-        raise ValueError(f"sum_squares expects a 2-D CPU tensor, got shape {tuple(x.shape)} on {x.device}")
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(f"native CPU backend does not support dtype {x.dtype}")
+    mod = _module_for(x, "sum_squares")
     rows, cols = x.shape
     if rows == 0 or cols == 0:
         return 0.0
