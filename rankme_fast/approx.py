@@ -200,14 +200,16 @@ def default_steps(n_rows: int, dim: int) -> tuple:
     return int(min(dim, 20 if big else 150)), int(min(dim, 40 if big else 150))
 
 
-def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int, basis: Optional[torch.Tensor] = None):
+def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int, basis: Optional[torch.Tensor] = None,
+                          images: bool = True):
     """Independent Lanczos recurrences for the unit columns of ``q`` (d, P), advanced together (one operator
     pass per step), each fully reorthogonalised (twice) against its own basis and, when ``basis`` (d, k)
     is given, run on the deflated operator (I − UUᵀ) G (I − UUᵀ). Returns (alphas, betas, qs, ws):
-    per-step coefficient rows (P,), and the Lanczos vectors and their images as (P, steps, d)."""
+    per-step coefficient rows (P,), and the Lanczos vectors and their images as (P, steps, d) (images:
+    None unless ``images``)."""
     d, probes = q.shape
     qs = torch.zeros(probes, m, d, dtype=F64)
-    ws = torch.zeros(probes, m, d, dtype=F64)
+    ws = torch.zeros(probes, m, d, dtype=F64) if images else None
     prev = torch.zeros_like(q)
     beta = torch.zeros(probes, dtype=F64)
     alive = torch.ones(probes, dtype=torch.bool)
@@ -222,7 +224,8 @@ def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int, basis: Op
     for j in range(m):
         qs[:, j] = q.T
         gq = proj(op.apply(q))
-        ws[:, j] = gq.T
+        if images:
+            ws[:, j] = gq.T
         a = (q * gq).sum(0)
         w = (gq - q * a - prev * beta).T.unsqueeze(2)  # (P, d, 1)
         vs = qs[:, : j + 1]  # (P, j+1, d)
@@ -239,7 +242,7 @@ def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int, basis: Op
         prev, q = q, torch.where(alive, w / bn.clamp_min(1e-300), torch.zeros_like(w))
         beta = bn * alive
     n = len(alphas)
-    return alphas, betas, qs[:, :n], ws[:, :n]
+    return alphas, betas, qs[:, :n], ws[:, :n] if images else None
 
 
 def _union_ritz(qs, ws, max_cols: int = 512):
@@ -313,7 +316,7 @@ def slq_quadrature(op: NormalOperator, *, probes: int = 8, steps: int = 40, defl
     if dim == 0:  # the deflation captured the whole space
         alphas, betas = [torch.zeros(probes, dtype=F64)], []
     else:
-        alphas, betas, _, _ = _block_lanczos_probes(op, z / norms.clamp_min(1e-300), m, basis)
+        alphas, betas, _, _ = _block_lanczos_probes(op, z / norms.clamp_min(1e-300), m, basis, images=False)
 
     def rule(n_steps):
         nodes = torch.zeros(probes, n_steps + n_top, dtype=F64)
@@ -478,7 +481,6 @@ class ApproxSpectrum:
         extrapolated estimate) around every value the quadrature error allows — the Gauss value, its
         extrapolation, and the extrapolation moved as far again — and the operator's resolution floor (every eigenvalue moved by ±D·ε₆₄·λ_1)."""
         _check_eps(eps)
-        lo_h, hi_h = self._head_range()
         if self.method == "slq":
             g = torch.Generator().manual_seed(12345)
             n = self.quadrature.nodes.shape[0]
@@ -503,6 +505,7 @@ class ApproxSpectrum:
             hi_all = max(max(quad) + spread_hi, *ends)
             # (and the evaluation of RankMe itself rounds: never claim more than ~1e-12 relative)
             return lo_all * (1 - 1e-12), hi_all * (1 + 1e-12)
+        lo_h, hi_h = self._head_range()
         # Tail mass = tr G − Σ head², known up to the float64 rounding of both sums (relative ~1e-13
         # of tr G, which on collapsed data is as large as the true tail) and the head's own range.
         slack = 1e-13 * self.frobenius2
