@@ -146,6 +146,7 @@ def test_auto_stays_exact_unless_asked(matrices):
     ({"method": "slq", "steps": 0}, r"steps must be an int >= 1"),
     ({"method": "slq", "deflate_steps": 0}, r"deflate_steps must be an int >= 1"),
     ({"method": "slq", "k": 8}, r"k does not apply to method='slq'"),
+    ({"method": "slq", "deflate": -1}, r"deflate must be an int >= 0"),
     ({"method": "gram", "k": 5}, r"options \['k'\] apply to approximate methods"),
     ({"method": "slq", "precision": "fast"}, r"has its own error control"),
     ({"rtol": 2.0}, r"rtol must be a number in \(0, 1\)"),

@@ -71,6 +71,25 @@ def test_normal_kernel_wide_block_and_strides():
     assert bool(((got - want).abs() <= 1e-12 * bound).all())
 
 
+@pytest.mark.parametrize("kind", ["rank1", "rank8", "d1"])
+def test_normal_kernel_collapsed_and_thin(kind):
+    """Collapsed inputs (rank 1, rank 8 with a large common offset, centred) and d = 1, float64 mode."""
+    g = torch.Generator().manual_seed(11)
+    if kind == "d1":
+        x, sh = torch.randn(90, 1, generator=g, dtype=torch.float64), None
+    else:
+        r = 1 if kind == "rank1" else 8
+        x = torch.randn(120, r, generator=g, dtype=torch.float64) @ torch.randn(r, 70, generator=g, dtype=torch.float64)
+        x = x + 5.0
+        sh = x.mean(0)
+    x = x.to(torch.float32).to(DEV)
+    sh = sh.to(DEV) if sh is not None else None
+    w = torch.randn(x.shape[1], 3, generator=g, dtype=torch.float64).to(DEV)
+    got = _kernels().normal_apply(x, w, col_shift=sh)
+    want, bound = _ref(x, w, sh)
+    assert bool(((got - want).abs() <= 1e-12 * bound + 1e-300).all())
+
+
 def test_normal_kernel_bad_arguments():
     nk = _kernels()
     x = _data(10, 8, torch.float32)
