@@ -111,7 +111,7 @@ def fast_gram(x: torch.Tensor, *, center: bool, basis: Optional[torch.Tensor] = 
         if shift is not None:
             c = c - (shift[r0 : r0 + step, None] if transposed else shift[None, :]).to(c.dtype)
         # Scale each chunk by a power of two (exact) so float32 squares neither underflow nor overflow.
-        amax = float(c.abs().max()) if c.numel() else 0.0
+        amax = float(torch.linalg.vector_norm(c, float("inf"))) if c.numel() else 0.0
         scale = 2.0 ** -math.floor(math.log2(amax)) if amax > 0 and math.isfinite(amax) else 1.0
         c = (c * scale).to(torch.float32)
         if b32 is not None:
@@ -136,7 +136,8 @@ def _fast_gram_gpu(x: torch.Tensor, *, center: bool) -> Optional[GramResult]:
             break
     if be is None:
         return None
-    amax = float(x.abs().max())
+    # the inf-norm reduces without materialising |x| (8 GB for 1M x 4096 bf16 on a GPU)
+    amax = float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0
     if not math.isfinite(amax):
         k = min(n, d)
         return GramResult(torch.full((k, k), math.nan, dtype=torch.float64, device=x.device), n, d, n < d,

@@ -136,16 +136,19 @@ from triton.compiler import ASTSource
 from rankme_fast.kernels.triton import normal as k
 tgt = GPUTarget("cuda", 90, 32)
 out = {}
-sig = {"x_ptr": "*bf16", "stride_r": "i64", "stride_c": "i64", "n_rows": "i32", "n_cols": "i32", "cs_ptr": "*fp64",
+sig = {"x_ptr": "*bf16", "stride_r": "i32", "stride_c": "constexpr", "n_rows": "i32", "n_cols": "i32", "cs_ptr": "*fp64",
        "w_ptr": "*fp64", "out_ptr": "*fp64", "rows_per_prog": "i32"}
 for mode, f64 in (("fp64", True), ("fp32", False)):
     ok = True
     for kp, bd, warps in ((16, 64, 4), (64, 32, 8)):  # the launcher's two configurations
-        consts = {"HAS_CS": True, "F64": f64, "BM": 32, "BD": bd, "KP": kp}
+        # stride_c == 1 is specialised to a constexpr at launch: compile the kernel that runs
+        consts = {"stride_c": 1, "HAS_CS": True, "F64": f64, "BM": 32, "BD": bd, "KP": kp}
         s = dict(sig, **{c: "constexpr" for c in consts})
-        ptx = triton.compile(ASTSource(fn=k._normal_kernel, signature=s, constexprs=consts), target=tgt,
-                             options={"num_warps": warps}).asm["ptx"]
+        ck = triton.compile(ASTSource(fn=k._normal_kernel, signature=s, constexprs=consts), target=tgt,
+                            options={"num_warps": warps})
+        ptx = ck.asm["ptx"]
         ok &= ("mma" in ptx or "fma.rn.f64" in ptx) if f64 else ("mma" in ptx or "fma.rn.f32" in ptx)
+        ok &= int(ck.metadata.shared) <= 232448  # sm_90's opt-in shared memory per block
     out[mode] = bool(ok)
 print(json.dumps(out))
 """

@@ -36,7 +36,10 @@ from .. import slices as _sl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MODES = ("int8", "fp64", "fast")
 TILE = 128  # Gram buffers are padded to a multiple of this, so every BM in (32, 64, 128) tiles them
-SLICE_ROWS = 1 << 15  # rows per exponent block of the int8 mode (int32-exact bound: < 2^17 / S)
+SLICE_ROWS = 1 << 15  # rows per exponent block of the int8 mode
+# int32 exactness: every digit has |D| ≤ 64, so a class (≤ S pairs) over R rows is ≤ R·S·2^12 in magnitude
+assert SLICE_ROWS * 4 * 4096 < 2**31, "int8 class sums would overflow int32"
+SM90_MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_90 (227 KB)
 _DTYPE_SLICES = {torch.float32: 4, torch.float16: 3, torch.bfloat16: 3, torch.float64: 4}
 
 
@@ -158,7 +161,7 @@ def _gram_float_kernel(x_ptr, stride_r, stride_c, n_rows, n_cols, rs_ptr, cs_ptr
     r_end = tl.minimum(r_begin + rows_per_prog, n_rows)
     r = tl.arange(0, BM)
     o = out_ptr + (sp * tl.num_programs(0) + t).to(tl.int64) * (BM * BM) + r[:, None] * BM + r[None, :]
-    inv_s = 1.0 / scale  # a power of two (fp32-representable): divided out twice, exactly, in float64
+    inv_s = tl.cast(1.0, tl.float64) / scale  # a power of two: a float64 division is exact (div.full.f32 is not)
     csum = tl.zeros([BM], dtype=tl.float64)
     diag = ti == tj
     for seg in range(r_begin, r_end, BK * FOLD):
@@ -213,10 +216,17 @@ def padded(n: int) -> int:
     return (n + TILE - 1) // TILE * TILE
 
 
+_TILES_CACHE: dict = {}
+
+
 def upper_tiles(n_tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ti, tj) of every tile with ti ≤ tj, as int32 tensors."""
-    iu = torch.triu_indices(n_tiles, n_tiles)
-    return iu[0].to(torch.int32).to(device), iu[1].to(torch.int32).to(device)
+    """(ti, tj) of every tile with ti ≤ tj, as int32 tensors, built on ``device`` once per size (a host
+    copy would synchronise the stream on every update)."""
+    key = (n_tiles, str(device))
+    if key not in _TILES_CACHE:
+        iu = torch.triu_indices(n_tiles, n_tiles, device=device)
+        _TILES_CACHE[key] = (iu[0].to(torch.int32), iu[1].to(torch.int32))
+    return _TILES_CACHE[key]
 
 
 def _splits(rows: int, n_tiles: int, block: int, target_programs: int) -> tuple[int, int]:
@@ -239,6 +249,29 @@ def _accumulate_tiles(gram: torch.Tensor, parts: torch.Tensor, ti: torch.Tensor,
     nt = p // bm
     tiles = gram.view(nt, bm, nt, bm).permute(0, 2, 1, 3)
     tiles.index_put_((ti.long(), tj.long()), parts.sum(0), accumulate=True)
+
+
+def float_config(mode: str, dtype: torch.dtype, shifted: bool, interpret: bool = INTERPRET) -> dict:
+    """Tile configuration of ``_gram_float_kernel`` as launched (the Hopper compile test compiles these).
+
+    BM 128 needs 8 warps; float64 tiles stay at 64² (a 128² float64 accumulator would spill). Fast float32
+    (and shifted or float64-input fast) tiles use BK = 32: at BK = 64 with 3 stages the fp32 operands and
+    their transposed copies need 256 KB of shared memory on sm_90, above its 227 KB (offline compile);
+    FOLD keeps the fp32 accumulation window at 1024 rows either way."""
+    if interpret:
+        return {"BM": 64, "BK": 32, "FOLD": 1 << 24 if mode == "fp64" else 32, "num_warps": 4, "num_stages": 1}
+    if mode == "fp64":
+        return {"BM": 64, "BK": 32, "FOLD": 1 << 24, "num_warps": 4, "num_stages": 3}
+    native16 = dtype in (torch.float16, torch.bfloat16) and not shifted
+    bk = 64 if native16 else 32
+    return {"BM": 128, "BK": bk, "FOLD": 1024 // bk, "num_warps": 8, "num_stages": 3}
+
+
+def int8_config(interpret: bool = INTERPRET) -> dict:
+    """Tile configuration of the int8 mode's three kernels as launched."""
+    if interpret:
+        return {"BM": 64, "BK": 32, "BR": 32, "BC": 32, "num_warps": 4}
+    return {"BM": 128, "BK": 64, "BR": 64, "BC": 64, "num_warps": 8}
 
 
 def default_mode(dtype: torch.dtype) -> str:
@@ -279,7 +312,9 @@ def gram_update(
     if rows == 0:
         return
     dev = x.device
-    bm = block or (64 if INTERPRET or mode == "fp64" else 128)  # a 128² float64 accumulator would spill
+    shifted = row_shift is not None or col_shift is not None
+    cfg = float_config(mode, x.dtype, shifted) if mode != "int8" else int8_config()
+    bm = block or cfg["BM"]
     nt = p // bm
     ti, tj = upper_tiles(nt, dev)
     rs = row_shift if row_shift is not None else gram  # dummy pointer when absent
@@ -290,21 +325,21 @@ def gram_update(
             # Shifted 16-bit data stay exact in 3 digits only when the shift is itself representable in
             # the input's dtype (then x − s has few significant bits); otherwise use 4 (28 bits).
             for sh in (row_shift, col_shift):
-                if sh is not None and not bool((sh.to(x.dtype).to(torch.float64) == sh).all()):
+                if sh is not None and slices < _sl.MAX_SLICES and not bool((sh.to(x.dtype).to(torch.float64) == sh).all()):
                     slices = _sl.MAX_SLICES
         _gram_int8(x, gram, col_sum, rs, cs, row_shift is not None, col_shift is not None, slices, bm, ti, tj)
         return
-    bk = 32 if INTERPRET else (32 if mode == "fp64" else 64)
+    bk = cfg["BK"]
     n_split, per = _splits(rows, len(ti), bk, _target_programs(dev))
     parts = torch.zeros(n_split, len(ti), bm, bm, dtype=torch.float64, device=dev)
     csum = torch.zeros(n_split, cols, dtype=torch.float64, device=dev)
-    native16 = (mode == "fast" and not INTERPRET and x.dtype in (torch.float16, torch.bfloat16)
-                and row_shift is None and col_shift is None)
+    native16 = (mode == "fast" and not INTERPRET and x.dtype in (torch.float16, torch.bfloat16) and not shifted)
     _gram_float_kernel[(len(ti), n_split)](
         x, x.stride(0), x.stride(1), rows, cols, rs, cs, float(scale) if mode == "fast" else 1.0, ti, tj, parts, csum, per,
         HAS_RS=row_shift is not None, HAS_CS=col_shift is not None, WANT_CSUM=col_sum is not None,
         MODE=1 if mode == "fp64" else 0, NATIVE16=native16, IN_PREC="tf32x3", BM=bm, BK=bk,
-        FOLD=1 << 24 if mode == "fp64" else 16, X_F64=x.dtype == torch.float64, num_warps=8 if bm == 128 else 4,
+        FOLD=cfg["FOLD"], X_F64=x.dtype == torch.float64, num_warps=8 if bm == 128 else 4,
+        num_stages=cfg["num_stages"],
     )
     _accumulate_tiles(gram, parts, ti, tj, bm)
     if col_sum is not None:
@@ -317,8 +352,8 @@ def _gram_int8(x, gram, col_sum, rs, cs, has_rs, has_cs, n_slices, bm, ti, tj) -
     rows, cols = x.shape
     p = gram.shape[0]
     dev = x.device
-    bk = 32 if INTERPRET else 64
-    br, bc = (32, 32) if INTERPRET else (64, 64)
+    cfg = int8_config()
+    bk, br, bc = cfg["BK"], cfg["BR"], cfg["BC"]
     chunk = min(SLICE_ROWS, rows)
     chunk_pad = -(-chunk // bk) * bk
     dig = torch.empty(n_slices, p, chunk_pad, dtype=torch.int8, device=dev)  # reused by every chunk
