@@ -526,7 +526,7 @@ def test_dispatch_table_and_order():
     assert set(t["order"]) == {"exact", "fast"} and isinstance(t["measured"], bool)
     for prec in ("exact", "fast"):
         for dt in ("float64", "float32", "float16", "bfloat16"):
-            assert t["order"][prec][dt][-1] == "torch"  # the fallback is always last
+            assert "torch" in t["order"][prec][dt]  # the fallback is always there (measured orders may rank it first)
     assert backends.gpu_order(torch.float32, (10, 10)) == ["torch"]  # tiny: launch cost dominates
     assert backends.gpu_order(torch.bfloat16, (10**6, 4096)) == t["order"]["exact"]["bfloat16"]
     assert backends.gpu_order(torch.float64, (4096, 10**6), "fast") == t["order"]["fast"]["float64"]
