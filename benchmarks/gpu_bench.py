@@ -68,22 +68,26 @@ def probe_plan() -> list:
 
 
 def bench_plan() -> list:
-    """(id, timeout) of the bench phase, most valuable first (a short budget still yields the key numbers)."""
+    """(id, timeout) of the bench phase, most valuable first (a short budget still yields the key
+    numbers): peaks, the DESIGN §3 accuracy check, the 1M×4096 bf16 Gram grid (the end-to-end target),
+    the eigensolve, normal operator + SLQ, DLPack, then the rest of the shape × dtype grid and svdvals."""
     out = [(f"peak/{p}", 30.0) for p in ("bf16", "int8", "fp64", "tf32", "fp32", "fp16")]
     out += [(f"acc/{k}/{dt}", 120.0) for k in ("rank8n", "rank1") for dt in ("bf16", "fp32")]
-    first = True
-    for n, d in BENCH_SHAPES:
-        for dt in BENCH_DTYPES:
-            out += [(f"gram/{n}x{d}/{dt}/{r}", 90.0) for r in GRAM_ROUTES]
-            if first:
-                out += [(f"eig/{dd}/{w}", 120.0) for dd in EIG_DIMS for w in ("gpu", "gpu-eigh", "cpu")]
-                first = False
-    n, d = NORMAL_SHAPE
-    out += [(f"normal/{n}x{d}/bf16/{r}", 120.0) for r in ("triton-fp64-k16", "triton-fp32-k16", "torch-fp32-k16",
-                                                          "torch-bf16-k16", "torch-fp64-k16", "slq", "exact")]
+    grid = [(n, d, dt) for n, d in BENCH_SHAPES for dt in BENCH_DTYPES]
+    n, d, dt = grid[0]
+    out += [(f"gram/{n}x{d}/{dt}/{r}", 90.0) for r in GRAM_ROUTES]
+    out += [(f"eig/{dd}/{w}", 120.0) for dd in EIG_DIMS for w in ("gpu", "gpu-eigh", "cpu")]
+    nn, dd = NORMAL_SHAPE
+    out += [(f"normal/{nn}x{dd}/bf16/{r}", 120.0) for r in ("triton-fp64-k16", "triton-fp32-k16", "torch-fp32-k16",
+                                                            "torch-bf16-k16", "torch-fp64-k16", "slq", "exact")]
     out += [("dlpack/cupy", 60.0), ("dlpack/jax", 90.0)]
-    out += [(f"svd/{n}x{d}/{dt}", SVD_CAP_S * 8 + 60) for n, d in BENCH_SHAPES for dt in BENCH_DTYPES]
+    for n, d, dt in grid[1:]:
+        out += [(f"gram/{n}x{d}/{dt}/{r}", 90.0) for r in GRAM_ROUTES]
+    out += [(f"svd/{n}x{d}/{dt}", SVD_CAP_S * 8 + 60) for n, d, dt in grid]
     return out
+
+
+ISOLATED = ("dlpack/jax",)
 
 
 def group_of(tid: str) -> str:
@@ -659,7 +663,21 @@ def plan_groups(plan: list, reps: int, env_extra: dict, single: bool = False) ->
                 "--reps", str(reps), *ids], env_extra
     if plan and plan[0][0].startswith("probe/") and not single:
         return [Group(tid, [(tid, to)], cmd) for tid, to in plan]
-    return [Group("bench", list(plan), cmd)]
+    if single:
+        return [Group("bench", list(plan), cmd)]
+    # JAX gets a process of its own (its CUDA runtime next to torch's is the likeliest crash), in order
+    groups, cur = [], []
+    for item in plan:
+        if item[0] in ISOLATED:
+            if cur:
+                groups.append(Group(f"bench{len(groups)}", cur, cmd))
+            groups.append(Group(item[0].replace("/", "-"), [item], cmd))
+            cur = []
+        else:
+            cur.append(item)
+    if cur:
+        groups.append(Group(f"bench{len(groups)}", cur, cmd))
+    return groups
 
 
 def run_phase(phase: str, out_dir: Path, budget: float, only: list, reps: int, dry_run: bool = False, log=print) -> dict:

@@ -29,6 +29,10 @@ from gpu_supervise import Group, run_groups  # noqa: E402
 
 GPU_TEST_FILES = ("tests/test_gpu_kernels.py", "tests/test_triton_normal.py")
 OTHER_GPU_K = "cuda or gpu"  # tests elsewhere that need or name a GPU backend
+# pytest without the working directory on sys.path (``python -m`` would put the repository root there,
+# and its source-tree rankme_fast, without the built modules, would shadow the installed package)
+PYTEST = [sys.executable, "-c", "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+          "import pytest; sys.exit(pytest.console_main())"]
 
 
 def _version(mod: str):
@@ -96,7 +100,7 @@ def verify_build() -> dict:
 
 
 def collect(selection: list, k: str = "") -> list:
-    argv = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *selection]
+    argv = [*PYTEST, "--collect-only", "-q", "-p", "no:cacheprovider", *selection]
     if k:
         argv += ["-k", k]
     res = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -135,7 +139,7 @@ def run_tests(out: Path, budget: float, shards: int, per_test: float, k: str, dr
     def make_cmd(shard_no):
         def cmd(todo, progress):
             xml = xml_dir / f"pytest-shard{shard_no}-{int(time.time() * 1000) % 10**8}.xml"
-            return ([sys.executable, "-m", "pytest", "-p", "gpu_pytest_plugin", "-p", "no:cacheprovider", "-q", "-rA",
+            return ([*PYTEST, "-p", "gpu_pytest_plugin", "-p", "no:cacheprovider", "-rA",
                      f"--junitxml={xml}", *todo],
                     {"GPU_CHECK_PROGRESS": str(progress), "PYTHONPATH": _pythonpath()})
         return cmd

@@ -16,6 +16,15 @@ _PATH = os.environ.get("GPU_CHECK_PROGRESS")
 _state: dict = {}
 
 
+def pytest_report_header(config):  # noqa: ARG001
+    try:
+        import rankme_fast  # noqa: PLC0415
+        where = rankme_fast.__file__
+    except ImportError as exc:
+        where = f"not importable: {exc}"
+    return [f"rankme_fast under test: {where}"]
+
+
 def pytest_runtest_logstart(nodeid, location):  # noqa: ARG001
     if _PATH:
         _state[nodeid] = {"status": "passed", "t0": time.monotonic(), "message": ""}

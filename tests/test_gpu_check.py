@@ -176,7 +176,7 @@ def test_gpu_check_dry_run(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the dry run is for machines without one")
     import rankme_fast  # noqa: PLC0415
-    env = dict(os.environ, GPU_CHECK_PROBE_S="120", GPU_CHECK_BENCH_S="120", GPU_CHECK_TESTS_S="240",
+    env = dict(os.environ, GPU_CHECK_PROBE_S="120", GPU_CHECK_BENCH_S="120", GPU_CHECK_TESTS_S="240", GPU_CHECK_TOTAL_S="600",
                PYTHON=sys.executable,
                PYTHONPATH=os.pathsep.join([str(Path(rankme_fast.__file__).resolve().parents[1])]
                                           + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
@@ -245,3 +245,15 @@ def test_probe_tasks_preflight_on_cpu(tmp_path):
             assert r["max_rel_err_vs_fp64"] < tol, (i, r)
         if r["status"] == "ok" and i.startswith("probe/normal-fp64"):
             assert r["max_rel_err_k16"] < 1e-12 and r["max_rel_err_k64"] < 1e-12
+
+
+def test_bench_groups_isolate_jax_in_order():
+    import gpu_bench  # noqa: PLC0415
+    plan = gpu_bench.bench_plan()
+    groups = gpu_bench.plan_groups(plan, 5, {})
+    flat = [i for g in groups for i, _ in g.items]
+    assert flat == [i for i, _ in plan]  # same order, nothing lost
+    jax = [g for g in groups if any(i == "dlpack/jax" for i, _ in g.items)]
+    assert len(jax) == 1 and len(jax[0].items) == 1
+    assert len(gpu_bench.plan_groups(gpu_bench.probe_plan(), 5, {})) == len(gpu_bench.probe_plan())
+    assert len(gpu_bench.plan_groups(plan, 5, {}, single=True)) == 1
