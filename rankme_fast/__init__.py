@@ -13,13 +13,14 @@ Importing loads no native code; the C++ kernel is loaded on first use (see ``sho
 from ._config import show_config
 from .gram import GramAccumulator
 from .scoring import ScoreResult, score
-from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, stable_rank
-from .spectrum import Spectrum, spectrum
+from .spectrum import ApproxSpectrum, Spectrum
+from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, spectrum, stable_rank
 from .structured import eigenscore, lidar
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApproxSpectrum",
     "GramAccumulator",
     "ScoreResult",
     "Spectrum",

@@ -1,0 +1,36 @@
+"""``gram``: the float64-exact streaming Gram (native SYRK / Triton / CUDA / torch by backend) + eigvalsh."""
+from __future__ import annotations
+
+import torch
+
+from ..gram import eigvals_desc, exact_gram
+from ..spectrum import EXACT_RANKME_RTOL, Spectrum
+from . import Cost, Strategy
+from ._common import dims, raise_if_nonfinite
+
+
+def cost(n, d, itemsize, device, options) -> Cost:
+    k, m = dims(n, d)
+    # symmetric Gram: M·K(K+1)/2 multiply-adds; symmetric eigenvalues ~4K³/3 (tridiagonalisation) + K²
+    return Cost(float(m) * k * (k + 1) + 4.0 * k**3 / 3, float(n) * d * itemsize, 8.0 * k * k + (64 << 20))
+
+
+def run(t, *, center, backend=None, rtol=None, **_):  # noqa: ARG001
+    if t.ndim == 3:
+        from .._inputs import check_all_finite  # noqa: PLC0415
+        check_all_finite(t)  # report batch item and row before splitting the batch
+        parts = [run(t[i], center=center, backend=backend) for i in range(t.shape[0])]
+        first = parts[0]
+        return Spectrum(torch.stack([s.singular_values for s in parts]), t.shape[-2], t.shape[-1], center,
+                        first.method, first.backend, "exact", True, EXACT_RANKME_RTOL)
+    res = exact_gram(t, center=center, backend=backend)
+    if not bool(torch.isfinite(res.gram).all()):
+        raise_if_nonfinite(t)
+    sv = eigvals_desc(res.gram).sqrt()
+    if not bool(torch.isfinite(sv).all()):
+        raise_if_nonfinite(t)
+    return Spectrum(sv, t.shape[0], t.shape[1], center, "gram", res.backend, "exact", True, EXACT_RANKME_RTOL)
+
+
+STRATEGY = Strategy("gram", True, "float64-exact streaming Gram + float64 eigvalsh", cost, run, batched=True,
+                    path=True)

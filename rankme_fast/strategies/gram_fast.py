@@ -1,0 +1,62 @@
+"""``gram-fast``: float32 Gram; a second float32 pass in the first pass's eigenbasis when eigenvalues fall
+below the float32 noise floor (RuntimeWarning). RankMe within ``FAST_RANKME_RTOL`` (1e-2)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..gram import eigvals_desc, fast_gram
+from ..spectrum import FAST_FLOOR, FAST_RANKME_RTOL, Spectrum
+from . import Cost, Strategy
+from ._common import dims, raise_if_nonfinite
+
+
+def cost(n, d, itemsize, device, options) -> Cost:
+    k, m = dims(n, d)
+    # one float32 Gram + eigh (vectors), and the refinement pass (a product and a Gram) when it runs
+    return Cost(float(m) * k * (k + 1) + 9.0 * k**3, float(n) * d * itemsize, 12.0 * k * k + (64 << 20))
+
+
+def _fast(x: torch.Tensor, center: bool):
+    res = fast_gram(x, center=center)
+    g = res.gram
+    if not bool(torch.isfinite(g).all()):
+        return None, res.backend, ()
+    lam, vecs = torch.linalg.eigh(g)
+    lam = lam.flip(-1)
+    vecs = vecs.flip(-1)
+    floor = FAST_FLOOR * float(torch.diagonal(g).sum())
+    below = int((lam < floor).sum())
+    notes: tuple = ()
+    if below:
+        refined = fast_gram(x, center=center, basis=vecs)
+        lam = eigvals_desc(refined.gram)
+        msg = (
+            f"precision='fast': {below} of {lam.numel()} eigenvalues lie below the float32 noise floor "
+            f"({FAST_FLOOR:.1e}·tr G); ran a second float32 pass in the first pass's eigenbasis. "
+            f"Documented RankMe error <= {FAST_RANKME_RTOL:g} relative; use precision='exact' for 1e-4."
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)
+        notes = (msg,)
+    return lam.clamp_min(0.0).sqrt(), res.backend, notes
+
+
+def run(t, *, center, backend=None, rtol=None, **_):  # noqa: ARG001
+    if t.ndim == 3:
+        from .._inputs import check_all_finite  # noqa: PLC0415
+        check_all_finite(t)
+        parts = [run(t[i], center=center) for i in range(t.shape[0])]
+        first = parts[0]
+        return Spectrum(torch.stack([s.singular_values for s in parts]), t.shape[-2], t.shape[-1], center,
+                        first.method, first.backend, "fast", False, FAST_RANKME_RTOL,
+                        tuple(note for s in parts for note in s.notes))
+    sv, be, notes = _fast(t, center)
+    if sv is None or not bool(torch.isfinite(sv).all()):
+        raise_if_nonfinite(t)
+    used = "gram+refine" if notes else "gram"
+    return Spectrum(sv, t.shape[0], t.shape[1], center, used, be, "fast", False, FAST_RANKME_RTOL, notes)
+
+
+STRATEGY = Strategy("gram-fast", False, "float32 Gram (+ refinement pass), RankMe within 1e-2", cost, run,
+                    batched=True)

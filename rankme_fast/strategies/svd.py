@@ -1,0 +1,39 @@
+"""``svd``: torch.linalg.svdvals of a float64 copy of the input (batched for (B, N, d)); the reference."""
+from __future__ import annotations
+
+import torch
+
+from .._inputs import check_all_finite
+from ..spectrum import EXACT_RANKME_RTOL, Spectrum
+from . import Cost, Strategy
+from ._common import dims, raise_if_nonfinite
+
+
+def _svd(x: torch.Tensor, center: bool) -> torch.Tensor:
+    z = x.to(torch.float64)
+    if center:
+        z = z - z.mean(-2, keepdim=True)
+    return torch.linalg.svdvals(z)
+
+
+def _batched(x: torch.Tensor, center: bool) -> torch.Tensor:
+    b, n, d = x.shape
+    step = max(1, (1 << 23) // max(n * d, 1))  # ≤ 64 MiB of float64 at a time
+    return torch.cat([_svd(x[i : i + step], center) for i in range(0, b, step)])
+
+
+def cost(n, d, itemsize, device, options) -> Cost:
+    k, m = dims(n, d)
+    # Golub–Kahan bidiagonalisation ~4·M·K² − 4K³/3, then the bidiagonal values
+    return Cost(4.0 * m * k * k, float(n) * d * itemsize, 8.0 * n * d + 8.0 * k * k)
+
+
+def run(t, *, center, backend=None, rtol=None, **_):  # noqa: ARG001
+    check_all_finite(t)
+    sv = _batched(t, center) if t.ndim == 3 else _svd(t, center)
+    if not bool(torch.isfinite(sv).all()):
+        raise_if_nonfinite(t)
+    return Spectrum(sv, t.shape[-2], t.shape[-1], center, "svd", "torch", "exact", True, EXACT_RANKME_RTOL)
+
+
+STRATEGY = Strategy("svd", True, "torch.linalg.svdvals of a float64 copy", cost, run, batched=True)
