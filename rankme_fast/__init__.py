@@ -16,15 +16,18 @@ from .scoring import ScoreResult, score
 from .spectrum import ApproxSpectrum, Spectrum
 from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, spectrum, stable_rank
 from .structured import eigenscore, lidar
+from .bench import BenchResult, bench  # the module stays importable as sys.modules["rankme_fast.bench"]
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ApproxSpectrum",
+    "BenchResult",
     "GramAccumulator",
     "ScoreResult",
     "Spectrum",
     "alpha_req",
+    "bench",
     "collapse_auc",
     "effective_rank",
     "eigenscore",

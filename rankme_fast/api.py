@@ -129,6 +129,8 @@ def spectrum(
             raise ValueError(f"method={name!r} has its own error control; leave precision='exact'")
         if method != "auto":
             _warn_if_costlier(name, t, approx_options)
+    if name == "svd":
+        return strat.run(t, center=center, precision=precision)
     return strat.run(t, center=center, backend=backend, rtol=rtol, **approx_options)
 
 

@@ -175,11 +175,17 @@ def lanczos_topk(op: NormalOperator, k: int, *, block: Optional[int] = None, tol
     return TopK(theta[:k].clamp_min(0), u[:, :k], res[:k], op.passes, converged)
 
 
-def default_probes(dim: int) -> int:
+def default_probes(dim: int, n_rows: Optional[int] = None) -> int:
     """Probe count for an operator of size ``dim``: the Hutchinson variance of a spread-out spectrum falls
     like 1/(probes·dim), so probes·dim ≈ 2^17 (8 probes at dim ≥ 16384, up to 64 for small problems,
-    where probes cost little)."""
-    return int(min(64, max(8, -(-(1 << 17) // max(dim, 1)))))
+    where probes cost little). Given ``n_rows`` on a large problem (N·D ≥ 2^26, where every pass is
+    costly), the count is also capped so the passes cost no more than the exact Gram's ~N·D·D flops
+    (each of the m Lanczos steps costs ~4·N·D·probes), but never below 8."""
+    p = int(min(64, max(8, -(-(1 << 17) // max(dim, 1)))))
+    if n_rows is not None and n_rows * dim >= (1 << 26):
+        m1, m2 = default_steps(n_rows, dim)
+        p = min(p, max(8, dim // (4 * (m1 + m2 + 1))))
+    return p
 
 
 def default_steps(n_rows: int, dim: int) -> tuple:
@@ -371,7 +377,7 @@ def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[i
     else:
         kd = deflate if deflate is not None else kmax  # every converged pair
         m1, m2 = default_steps(op.x.shape[0], d)
-        quad, top = slq_quadrature(op, probes=probes or default_probes(d), steps=steps or m2,
+        quad, top = slq_quadrature(op, probes=probes or default_probes(d, op.x.shape[0]), steps=steps or m2,
                                    deflate_steps=deflate_steps or m1, deflate=kd, deflate_tol=deflate_tol, seed=seed)
     sv = top.eigenvalues.clamp_min(0).sqrt()
     return ApproxSpectrum(sv, frob2, n, x.shape[1], center, method, top.residuals, top.converged, op.passes,

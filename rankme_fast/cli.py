@@ -3,6 +3,8 @@
 ``score PATH...``  metrics of embedding files (each PATH — a file, a shard directory or a quoted glob —
                    is one matrix), streamed with O(d²) memory; a table, or one JSON object per PATH per
                    line with ``--json``.
+``bench [PATH]``   race every strategy and peer's route (time, memory, accuracy) on PATH or on a
+                   synthetic matrix with a known spectrum; a table, ``--json``, ``--csv``, ``--plot``.
 ``info``           build configuration and backends (= ``rankme_fast.show_config()``).
 ``demo``           synthetic embeddings with known spectra: exact vs true RankMe.
 
@@ -117,6 +119,68 @@ def _eps(text: str) -> float:
     return v
 
 
+def _shape(text: str) -> tuple:
+    try:
+        n, d = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 20000x512, got {text!r}") from None
+    if n < 1 or d < 1:
+        raise argparse.ArgumentTypeError(f"shape must be positive, got {text!r}")
+    return n, d
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return v
+
+
+def _bench(args) -> int:
+    import json
+
+    import importlib  # noqa: PLC0415
+
+    _b = importlib.import_module("rankme_fast.bench")  # the package attribute `bench` is the function
+
+    if args.list:
+        from rankme_fast import strategies  # noqa: PLC0415
+        import torch  # noqa: PLC0415
+        dev = args.device or "cpu"
+        for r in _b.routes(dev):
+            ok, why = r.available(dev)
+            print(f"{r.name:<24} {r.kind:<5} {'exact' if r.exact else 'approx':<7} "
+                  f"{'available' if ok else 'unavailable: ' + why:<14}  {r.description}")
+        shown = {r.name for r in _b.routes(dev)}
+        for name in _b.route_names(dev):
+            if name not in shown:
+                be = name[5:-1]
+                from rankme_fast import backends  # noqa: PLC0415
+                print(f"{name:<24} ours  exact   unavailable: {backends.BACKENDS[be].available(torch.device(dev))[1]}")
+        _ = strategies
+        return 0
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            raise RuntimeError("--plot needs matplotlib: pip install 'rankme_fast[plot]'") from None
+    res = _b.bench(args.path, shape=args.shape, dtype=args.dtype, spectrum=args.spectrum,
+                   strategies=args.strategies, repeats=args.repeats, device=args.device, center=args.center,
+                   seed=args.seed, timeout=args.timeout, progress=None if not args.json else False)
+    if args.json:
+        print(res.to_json())
+    else:
+        print(res.table())
+    if args.csv:
+        res.to_csv(args.csv)
+    if args.plot:
+        res.plot(args.plot)
+    return 0
+
+
 def _info(args) -> int:
     import rankme_fast
 
@@ -155,6 +219,26 @@ def main(argv=None) -> int:
     d.add_argument("--rows", type=int, default=20_000)
     d.add_argument("--dim", type=int, default=256)
     d.set_defaults(fn=_demo)
+    b = sub.add_parser("bench", help="race every SVD strategy and peer's route on a file or a synthetic matrix",
+                       description="Time, memory and accuracy of every way to get the spectrum of one (N, d) "
+                                   "matrix: PATH, or a synthetic matrix with a known spectrum.")
+    b.add_argument("path", nargs="?", default=None, metavar="PATH")
+    b.add_argument("--shape", type=_shape, default=None, help="synthetic N x d (default 20000x512)")
+    b.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
+    b.add_argument("--spectrum", default="power1",
+                   choices=("flat", "power1", "power2", "exp", "rank1", "rank8", "rank8+noise"))
+    b.add_argument("--strategies", default=None, help="comma-separated names (see --list) or 'all' (default)")
+    b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    b.add_argument("--center", action="store_true", help="centre the columns first")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--timeout", type=_positive_float, default=None,
+                   help="skip routes predicted to take longer than this many seconds")
+    b.add_argument("--json", action="store_true", help="one JSON object with a 'rows' list")
+    b.add_argument("--csv", default=None, metavar="FILE", help="also write the rows as CSV")
+    b.add_argument("--plot", default=None, metavar="FILE.png", help="seconds vs RankMe error (needs matplotlib)")
+    b.add_argument("--list", action="store_true", help="list every strategy and route, and exit")
+    b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="show build configuration and backends (= show_config)")
     i.set_defaults(fn=_info)
     try:
@@ -164,6 +248,8 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "demo" and (args.rows < 1 or args.dim < 1):
             raise ValueError("--rows and --dim must be positive")
+        if args.cmd == "bench" and args.path is not None and args.shape is not None:
+            raise ValueError("give a PATH or --shape, not both")
         return args.fn(args)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # bad input, unreadable file, bad setup
         if isinstance(exc, BrokenPipeError):  # e.g. `rankme-fast score ... | head`

@@ -10,8 +10,9 @@ def settings(n, d, options) -> tuple:
     """(probes, deflation steps, quadrature steps) that ``approx_spectrum`` will use."""
     from ..approx import default_probes, default_steps  # noqa: PLC0415
     k, _ = dims(n, d)
-    m1, m2 = default_steps(max(n, d) if n < d else n, k)
-    return (options.get("probes") or default_probes(k), options.get("deflate_steps") or m1,
+    rows = max(n, d)  # the operator's long side (it runs on Xᵀ when N < d)
+    m1, m2 = default_steps(rows, k)
+    return (options.get("probes") or default_probes(k, rows), options.get("deflate_steps") or m1,
             options.get("steps") or m2)
 
 
