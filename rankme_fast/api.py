@@ -104,10 +104,7 @@ def spectrum(
         if method not in ("auto", "gram") or precision != "exact":
             raise ValueError("a path is streamed through the exact Gram accumulator: use method='auto' or 'gram' "
                              f"and precision='exact' (got method={method!r}, precision={precision!r})")
-        from .scoring import accumulate  # noqa: PLC0415
-
-        acc, _ = accumulate(x, backend=backend, progress=False)
-        return acc.spectrum(center)
+        return strategies.get("gram").run(x, center=center, backend=backend)
     t = as_tensor(x, ndim=(2, 3))
     if method == "auto":
         name, _why = strategies.choose(t.shape[-2], t.shape[-1], ndim=t.ndim, itemsize=t.element_size(),

@@ -98,6 +98,13 @@ class BenchResult:
                 return r
         raise KeyError(name)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchResult":
+        """Inverse of :meth:`to_dict` (e.g. to re-plot a saved JSON)."""
+        d = dict(d)
+        d["rows"] = [Row(**r) for r in d["rows"]]
+        return cls(**d)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["rows"] = [asdict(r) for r in self.rows]

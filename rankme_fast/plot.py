@@ -19,19 +19,30 @@ def bench_pareto(result, path) -> None:
     filled circles, approximate ones open triangles; ours in blue, peers' routes in orange."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    import math  # noqa: PLC0415
+
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
     ran = [r for r in result.rows if r.status == "ok" and r.median_s and r.rankme_rel_err is not None]
     if not ran:
         raise ValueError("nothing to plot: no route ran")
-    for r in ran:
+    placed: list = []  # (log10 x, log10 y, label offset) of the labels so far: nudge near-coincident ones
+    for r in sorted(ran, key=lambda r: (r.median_s, r.rankme_rel_err)):
         err = max(r.rankme_rel_err, ERR_FLOOR)
         color = "tab:blue" if r.kind == "ours" else "tab:orange"
         if r.exact:
             ax.scatter(r.median_s, err, s=60, marker="o", color=color, zorder=3)
         else:
             ax.scatter(r.median_s, err, s=70, marker="^", facecolors="none", edgecolors=color, linewidths=1.5, zorder=3)
-        ax.annotate(r.name, (r.median_s, err), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        lx, ly = math.log10(r.median_s), math.log10(err)
+        dy = 4
+        while any(abs(lx - px) < 0.3 and abs(ly - py) < 0.45 and pdy == dy for px, py, pdy in placed):
+            dy -= 9  # the next free line below
+        placed.append((lx, ly, dy))
+        ax.annotate(r.name, (r.median_s, err), textcoords="offset points", xytext=(5, dy), fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("median seconds")
     ax.set_ylabel(f"RankMe relative error vs {result.reference.split(' (')[0]} (0 drawn at {ERR_FLOOR:g})")
     ax.set_title(f"{result.n:,} x {result.d:,} {result.dtype}, {result.source}", fontsize=9)

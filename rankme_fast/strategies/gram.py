@@ -1,6 +1,8 @@
 """``gram``: the float64-exact streaming Gram (native SYRK / Triton / CUDA / torch by backend) + eigvalsh."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..gram import eigvals_desc, exact_gram
@@ -16,6 +18,12 @@ def cost(n, d, itemsize, device, options) -> Cost:
 
 
 def run(t, *, center, backend=None, rtol=None, **_):  # noqa: ARG001
+    """``t``: a validated (N, d) / (B, N, d) tensor, or a path (file, shard directory, glob) streamed
+    through the float64 accumulator with O(d²) memory."""
+    if isinstance(t, (str, os.PathLike)):
+        from ..scoring import accumulate  # noqa: PLC0415 - the file readers load only for paths
+        acc, _ = accumulate(t, backend=backend, progress=False)
+        return acc.spectrum(center)
     if t.ndim == 3:
         from .._inputs import check_all_finite  # noqa: PLC0415
         check_all_finite(t)  # report batch item and row before splitting the batch
