@@ -23,6 +23,7 @@ dense peak of the same run):
   normal/100000x16384/bf16/...             Triton normal operator vs x.T @ (x @ w); SLQ vs exact RankMe
   dlpack/{cupy,jax}                        arrays taken zero-copy (data pointer compared)
   svd/NxD/DT                               torch.linalg.svdvals(x.float()), skipped past a time cap
+  race/NxD/SPECTRUM                        rf.bench on a CUDA tensor (the GPU rows of the strategy race)
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ ACC_SHAPE = (100_000, 1024) if not SMALL else (300, 40)
 EIG_DIMS = (4096, 1024) if not SMALL else (64, 32)
 PEAK_N = 8192 if not SMALL else 64
 SVD_CAP_S = 30.0
+RACE_SHAPE = (200_000, 2048) if not SMALL else (300, 24)
 PROBE_SHAPE = (40_000, 4096) if not SMALL else (150, 130)  # two int8 chunks of 32768 rows, 528 upper tiles
 
 
@@ -84,6 +86,8 @@ def bench_plan() -> list:
     for n, d, dt in grid[1:]:
         out += [(f"gram/{n}x{d}/{dt}/{r}", 90.0) for r in GRAM_ROUTES]
     out += [(f"svd/{n}x{d}/{dt}", SVD_CAP_S * 8 + 60) for n, d, dt in grid]
+    # the GPU rows of RESULTS.md's `rankme-fast bench` tables (issue 12): the same race on a CUDA tensor
+    out += [(f"race/{RACE_SHAPE[0]}x{RACE_SHAPE[1]}/{spec}", 240.0) for spec in ("rank8+noise", "power1")]
     return out
 
 
@@ -93,7 +97,7 @@ ISOLATED = ("dlpack/jax",)
 def group_of(tid: str) -> str:
     """Tasks of one group share their input in the worker (the matrix of one shape and dtype)."""
     p = tid.split("/")
-    return "/".join(p[:3]) if p[0] in ("gram", "normal", "acc", "svd", "probe") else "/".join(p[:2])
+    return "/".join(p[:3]) if p[0] in ("gram", "normal", "acc", "svd", "probe", "race") else "/".join(p[:2])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,6 +494,13 @@ class Worker:
                     "reason": f"estimated {est:.1f} s per call from a {n // 16}-row subset > cap {SVD_CAP_S:g} s"}
         rec = timed(lambda: torch.linalg.svdvals(x.float()), 5, cap_s=SVD_CAP_S * 4)
         return {"status": "ok", **base, **rec, "estimate_s": est}
+
+    def task_race(self, shape, spec):
+        """rf.bench on the GPU: every strategy and peer route, 3 repeats, routes predicted > 60 s skipped."""
+        import rankme_fast as rf  # noqa: PLC0415
+        n, d = map(int, shape.split("x"))
+        res = rf.bench(shape=(n, d), spectrum=spec, device=DEV, repeats=3, timeout=60, progress=False)
+        return {"status": "ok", "n": n, "d": d, "spectrum": spec, "bench": res.to_dict()}
 
     def task_dlpack(self, lib):
         torch = _torch()

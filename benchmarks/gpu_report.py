@@ -256,6 +256,16 @@ def to_markdown(res: dict) -> str:
                 continue
             for dt, c in r["cases"].items():
                 L.append(f"| {r['lib']} | {dt} | {c['zero_copy']} | {_g(c['rankme_rel_diff_vs_torch_copy'])} |")
+    race = [r for i, r in b.items() if i.startswith("race/") and r.get("status") == "ok"]
+    for r in race:
+        rows = r["bench"]["rows"]
+        L += ["", f"## rankme-fast bench on the GPU: {r['n']:,}×{r['d']:,} float32 {r['spectrum']} "
+                  f"(reference: {r['bench']['reference']})", "",
+              "| route | exact | median s | peak extra MiB | RankMe rel. err | status |", "|---|---|---|---|---|---|"]
+        for row in rows:
+            mib = None if row.get("peak_mem_bytes") is None else row["peak_mem_bytes"] / 2**20
+            L.append(f"| {row['name']} | {'yes' if row['exact'] else 'no'} | {_g(row.get('median_s'), '{:.4g}')} | "
+                     f"{_g(mib, '{:.0f}')} | {_g(row.get('rankme_rel_err'), '{:.1e}')} | {row['status'].replace('|', '/')} |")
     tg = targets(res)
     if tg:
         L += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]

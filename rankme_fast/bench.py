@@ -464,7 +464,9 @@ def bench(source: Any = None, *, shape: Optional[tuple] = None, dtype: str = "fl
                 if cost.extra_bytes > free / 4:
                     row.status = (f"skipped: needs ~{cost.extra_bytes / 2**30:.2f} GiB extra, more than a quarter of "
                                   f"the {free / 2**30:.1f} GiB free")
-                elif timeout is not None and calib is not None and est > timeout:
+                elif timeout is not None and r.name != "gram" and (calib := calib or _calibrate(x, device)) \
+                        and cost.seconds(device) * calib > timeout:
+                    est = row.estimate_s = cost.seconds(device) * calib
                     row.status = f"skipped: predicted {est:.3g} s > timeout {timeout:g} s"
                 else:
                     # a warm-up run where it is cheap (predicted < 2 s) and always for gram, which runs first
@@ -514,6 +516,21 @@ def bench(source: Any = None, *, shape: Optional[tuple] = None, dtype: str = "fl
         machine["gpu"] = torch.cuda.get_device_name()
     return BenchResult(rows, n, d, dtype if source is None else str(x.dtype).replace("torch.", ""), device, center,
                        desc, ref_label, ref_rk, truth_rk, mem_method, machine)
+
+
+def _calibrate(x: torch.Tensor, device: str) -> float:
+    """Seconds per nominal second of the cost model on this machine: the exact Gram timed on a row
+    subset (used when the race does not include ``gram`` itself, which otherwise calibrates it)."""
+    from .api import spectrum  # noqa: PLC0415
+    sub = x[: min(x.shape[0], max(2000, x.shape[0] // 20))]
+    spectrum(sub)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    spectrum(sub)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    nominal = _strategies.estimate("gram", sub.shape[0], sub.shape[1], sub.element_size(), device).seconds(device)
+    return max(dt, 1e-6) / max(nominal, 1e-12)
 
 
 def _run_route(r: Route, row: Row, x, center, repeats, device, results, warm: bool = False) -> None:
