@@ -164,21 +164,33 @@ def _with_interval(s, value, interval_fn, name: str, rtol: Optional[float], retu
     return value
 
 
-def rankme(x: Any, eps: float = _m.RANKME_EPS, *, center: Optional[bool] = None, return_interval: bool = False,
-           **options):
+def rankme(x: Any, eps: Optional[float] = None, *, center: Optional[bool] = None, return_interval: bool = False,
+           convention: str = "paper", **options):
     """RankMe (Garrido et al. 2023): exp(-Σ p_k log p_k), p_k = σ_k/‖σ‖₁ + ε, ε = 1e-7, uncentred.
 
     Args:
         x: embeddings (N, d) / (B, N, d) (tensor, NumPy, DLPack; any float dtype) or a Spectrum.
-        eps: ε added to p (0 allowed); p is not renormalised, as in the paper.
-        center: remove the column mean first (None = the paper's default: no centring).
+        eps: ε added to p (0 allowed; None: 1e-7, or the convention's); p is not renormalised, as in the paper.
+        center: remove the column mean first (None = the convention's default: no centring, except
+            "reptrix").
+        convention: "paper" | "stable-pretraining" (ε = 1e-5) | "stable-pretraining-jax"
+            (p = σ/(‖σ‖₁ + 1e-7) + 1e-7) | "reptrix" (centred, p = σ²/Σσ² + 1e-7): a peer's number.
         return_interval: return ``(value, (lo, hi))``: an approximate spectrum's interval, or the
             documented error bound of an exact/fast one. Without it, an approximate value whose interval is
             wider than ``rtol`` (default 1e-2) warns with the interval.
         **options: method, precision, backend, rtol and the approximate settings of :func:`spectrum`.
     """
-    s = _spec(x, center, False, options)
-    return _with_interval(s, s.rankme(eps), lambda: s.rankme_interval(eps), "RankMe", options.get("rtol"),
+    if convention not in _m.RANKME_CONVENTIONS:
+        raise ValueError(f"convention must be one of {list(_m.RANKME_CONVENTIONS)}, got {convention!r}")
+    s = _spec(x, center, _m.RANKME_CONVENTIONS[convention][0], options)
+    if convention != "paper":
+        if isinstance(s, ApproxSpectrum):
+            raise ValueError(f"convention={convention!r} needs every singular value: use an exact method")
+        if return_interval:
+            raise ValueError("return_interval applies to convention='paper' only")
+        return s.rankme(eps, convention=convention)
+    e = _m.RANKME_EPS if eps is None else eps
+    return _with_interval(s, s.rankme(e), lambda: s.rankme_interval(e), "RankMe", options.get("rtol"),
                           return_interval)
 
 

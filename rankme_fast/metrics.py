@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
 import torch
 
 RANKME_EPS = 1e-7
@@ -31,6 +33,36 @@ def rankme(sv: torch.Tensor, eps: float = RANKME_EPS) -> torch.Tensor:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     total = _check_nonzero(sv, "RankMe")
     p = sv / total.unsqueeze(-1) + eps
+    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+    return torch.exp(-plogp.sum(-1))
+
+
+# RankMe as computed by other implementations, so that migrating users get their old number:
+# name -> (default centring of raw data, ε, description)
+RANKME_CONVENTIONS = {
+    "paper": (False, RANKME_EPS, "p = σ/‖σ‖₁ + 1e-7 of the uncentred Z (Garrido et al. 2023)"),
+    "stable-pretraining": (False, 1e-5, "p = σ/‖σ‖₁ + 1e-5 (stable-pretraining's RankMe callback)"),
+    "stable-pretraining-jax": (False, 1e-7, "p = σ/(‖σ‖₁ + 1e-7) + 1e-7 (its JAX variant)"),
+    "reptrix": (True, 1e-7, "centred; p = σ²/Σσ² + 1e-7, the explained-variance ratio (reptrix)"),
+}
+
+
+def rankme_convention(sv: torch.Tensor, convention: str = "paper", eps: Optional[float] = None) -> torch.Tensor:
+    """RankMe of σ in a peer's ``convention`` (:data:`RANKME_CONVENTIONS`); ``eps`` overrides its ε
+    (only "paper" and "stable-pretraining" differ by ε alone). exp(−Σ p log p), p not renormalised."""
+    if convention not in RANKME_CONVENTIONS:
+        raise ValueError(f"convention must be one of {list(RANKME_CONVENTIONS)}, got {convention!r}")
+    e = RANKME_CONVENTIONS[convention][1] if eps is None else eps
+    if convention in ("paper", "stable-pretraining"):
+        return rankme(sv, e)
+    if not (e >= 0 and math.isfinite(e)):
+        raise ValueError(f"eps must be a finite number >= 0, got {e!r}")
+    total = _check_nonzero(sv, "RankMe")
+    if convention == "stable-pretraining-jax":
+        p = sv / (total.unsqueeze(-1) + e) + e
+    else:  # reptrix: the explained-variance ratio of the eigenvalues
+        lam = sv * sv
+        p = lam / lam.sum(-1, keepdim=True) + e
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
     return torch.exp(-plogp.sum(-1))
 

@@ -74,8 +74,12 @@ class Spectrum:
     def _out(self, t: torch.Tensor):
         return float(t) if t.ndim == 0 else t
 
-    def rankme(self, eps: float = _m.RANKME_EPS):
-        return self._out(_m.rankme(self.singular_values, eps))
+    def rankme(self, eps: Optional[float] = None, convention: str = "paper"):
+        """RankMe (ε = 1e-7 by default); ``convention`` reproduces a peer's formula (see
+        :data:`rankme_fast.metrics.RANKME_CONVENTIONS`; its ε unless ``eps`` is given)."""
+        if convention == "paper":
+            return self._out(_m.rankme(self.singular_values, _m.RANKME_EPS if eps is None else eps))
+        return self._out(_m.rankme_convention(self.singular_values, convention, eps))
 
     def effective_rank(self):
         return self._out(_m.effective_rank(self.singular_values))
