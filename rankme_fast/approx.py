@@ -156,7 +156,7 @@ def lanczos_topk(op: NormalOperator, k: int, *, block: Optional[int] = None, tol
         if kk == k and bool((res[:k] <= tol * max(float(theta[0]), 1e-300)).all()):
             converged = True
             break
-        if basis.shape[1] + b > d:  # the Krylov space is the whole space: Ritz pairs are exact
+        if basis.shape[1] >= d:  # the Krylov space is the whole space: Ritz pairs are exact
             converged = True
             break
         w = y - basis @ (basis.T @ y)
@@ -170,7 +170,7 @@ def lanczos_topk(op: NormalOperator, k: int, *, block: Optional[int] = None, tol
         for _ in range(2):
             qn = qn - basis @ (basis.T @ qn)
             qn = torch.linalg.qr(qn).Q
-        qs.append(qn)
+        qs.append(qn[:, : d - basis.shape[1]])  # a last, narrower block completes the space
     k = min(k, theta.numel())
     return TopK(theta[:k].clamp_min(0), u[:, :k], res[:k], op.passes, converged)
 

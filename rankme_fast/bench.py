@@ -53,6 +53,7 @@ class Route:
     run: Callable  # (x, center) -> singular values tensor, or a Spectrum / ApproxSpectrum
     cost: Callable  # (n, d, itemsize, device) -> _strategies.Cost
     available: Callable = lambda device: (True, "")
+    applicable: Callable = lambda n, d, center: (True, "")  # whether the route applies to this input
 
 
 @dataclass
@@ -165,13 +166,15 @@ def _gram_of(v: torch.Tensor) -> torch.Tensor:
 def _ours(name: str, backend: Optional[str] = None) -> Route:
     from .api import spectrum  # noqa: PLC0415
     strat = _strategies.get(name)
-    opts = {"k": TOPK} if name in ("randomized", "lanczos") else {}
+    topk = name in ("randomized", "lanczos")
+    opts = {"k": TOPK} if topk else {}
     method, precision = ("gram", "fast") if name == "gram-fast" else (name, "exact")
 
     def run(x, center):
+        kw = {"k": min(TOPK, min(x.shape))} if topk else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a refinement / cost note is not a result
-            return spectrum(x, center=center, method=method, precision=precision, backend=backend, **opts)
+            return spectrum(x, center=center, method=method, precision=precision, backend=backend, **kw)
 
     def avail(device):
         if backend is None:
@@ -236,9 +239,6 @@ def _peer_routes() -> list:
         p = PCA(n_components=min(TOPK, min(v.shape)), random_state=0).fit(v)
         return torch.as_tensor(p.singular_values_, dtype=torch.float64)
 
-    def sk_pca_avail(device):
-        return have("sklearn")(device)
-
     def cupy_svd(x, center):
         import cupy as cp  # noqa: PLC0415
         v = _center(x, center, torch.float32)
@@ -262,11 +262,15 @@ def _peer_routes() -> list:
               lambda x, c: _eig_sv(_gram_of(_center(x, c, torch.float64))), gram_cost(8)),
         Route("torch-svd-lowrank", "peer", False, f"torch.svd_lowrank(x, q={TOPK}+10, niter=2): top {TOPK}",
               lowrank, lowrank_cost),
-        Route("torch-lobpcg", "peer", False, f"torch.lobpcg on the float32 Gram: top {TOPK}", lobpcg, lobpcg_cost),
+        Route("torch-lobpcg", "peer", False, f"torch.lobpcg on the float32 Gram: top {TOPK}", lobpcg, lobpcg_cost,
+              applicable=lambda n, d, center: (min(n, d) >= 6, "torch.lobpcg needs a Gram of size >= 3x the "
+                                               f"eigenpairs it finds (this one is {min(n, d)})")),
         Route("sklearn-randomized-svd", "peer", False, f"sklearn.utils.extmath.randomized_svd: top {TOPK}", sk_rsvd,
               lowrank_cost, have("sklearn")),
         Route("sklearn-pca", "peer", False, f"sklearn PCA(n_components={TOPK}) (always centres)", sk_pca,
-              lowrank_cost, sk_pca_avail),
+              lowrank_cost, have("sklearn"),
+              applicable=lambda n, d, center: (center, "PCA always centres the columns: race it with center=True "
+                                                       "(--center)")),
         Route("cupy-svd", "peer", False, "cupy.linalg.svd(compute_uv=False) in float32", cupy_svd, svd_cost(4),
               cupy_avail),
     ]
@@ -452,8 +456,8 @@ def bench(source: Any = None, *, shape: Optional[tuple] = None, dtype: str = "fl
                 bar.set_postfix_str(r.name)
             row = Row(r.name, r.kind, r.exact, "ok")
             ok, why = r.available(device)
-            if ok and r.name == "sklearn-pca" and not center:
-                ok, why = False, "PCA always centres the columns: race it with center=True (--center)"
+            if ok:
+                ok, why = r.applicable(n, d, center)
             if not ok:
                 row.status = f"skipped: {why}"
             else:

@@ -245,8 +245,8 @@ class ApproxSpectrum:
         """The float64 operator's absolute eigenvalue resolution, ~ D·ε₆₄·λ_1: every computed eigenvalue
         is known only to within it (eigenvalues below it are indistinguishable from 0)."""
         dim = self.operator_dim or self.n_features
-        lam1 = max(float(self.quadrature.nodes.max()), float(self.singular_values[0]) ** 2 if
-                   self.singular_values.numel() else 0.0)
+        lam1 = max(float(self.quadrature.nodes.max()) if self.quadrature is not None else 0.0,
+                   float(self.singular_values[0]) ** 2 if self.singular_values.numel() else 0.0)
         return 8.0 * dim * 2.0**-52 * lam1
 
     # -- metrics -----------------------------------------------------------------------------
@@ -259,9 +259,10 @@ class ApproxSpectrum:
         return math.sqrt(lo * hi)
 
     def _head_range(self):
-        """Each computed θ_i has an eigenvalue of G within its residual: σ_i ∈ [√(θ−r), √(θ+r)]."""
+        """Each computed θ_i has an eigenvalue of G within its residual plus the float64 operator's
+        resolution floor (on collapsed data the tail θ are rounding-level): σ_i ∈ [√(θ−r), √(θ+r)]."""
         lam = self.singular_values**2
-        r = self.residuals.to(F64)
+        r = self.residuals.to(F64) + self._resolution_floor()
         return (lam - r).clamp_min(0).sqrt(), (lam + r).sqrt()
 
     def rankme_interval(self, eps: float = _m.RANKME_EPS, *, level: float = 0.95, n_boot: int = 400) -> tuple:

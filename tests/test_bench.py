@@ -166,3 +166,19 @@ def test_cli_plot_without_matplotlib_names_the_extra(tmp_path):
                          timeout=300)
     assert res.returncode == 2 and "pip install 'rankme_fast[plot]'" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (500, 1), (1, 30)], ids=["N<d", "d=1", "N=1"])
+def test_odd_shapes_every_route_runs_or_says_why(shape):
+    from rankme_fast.demo import make_embeddings  # noqa: PLC0415
+    res = B.bench(shape=shape, spectrum="rank1", repeats=1)
+    x = make_embeddings(*shape, "rank1", dtype=torch.float32, seed=0)
+    ref = np_rankme(np.linalg.svd(x.double().numpy(), compute_uv=False))
+    for r in res.rows:
+        assert r.status == "ok" or r.status.startswith("skipped: "), (r.name, r.status)
+        if r.exact and r.status == "ok":
+            assert abs(r.rankme - ref) / ref < 1e-4, r.name
+    for name in ("randomized", "lanczos"):  # top-k routes compute min(32, K) values
+        assert res.row(name).status == "ok" and res.row(name).n_sigma == min(32, min(shape))
+    if min(shape) < 6:
+        assert "torch.lobpcg needs a Gram of size" in res.row("torch-lobpcg").status

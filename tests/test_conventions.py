@@ -65,3 +65,17 @@ def test_bad_convention():
         rf.rankme(x, convention="lightly")
     with pytest.raises(ValueError, match="needs every singular value"):
         rf.rankme(x, convention="reptrix", method="lanczos", k=2)
+
+
+@pytest.mark.parametrize("shape", [(20, 90), (300, 1)], ids=["N<d", "d=1"])
+@pytest.mark.parametrize("convention", list(metrics.RANKME_CONVENTIONS))
+def test_convention_odd_shapes(convention, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.3
+    want = peer(x.numpy(), convention)
+    assert rf.rankme(x, convention=convention) == pytest.approx(want, rel=1e-9)
+
+
+def test_convention_interval_only_for_paper():
+    x = torch.randn(60, 8, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="return_interval applies to convention='paper' only"):
+        rf.rankme(x, convention="stable-pretraining", return_interval=True)

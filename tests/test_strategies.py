@@ -208,3 +208,23 @@ def test_randomized_converged_means_residuals_met():
     s2 = rf.spectrum(x, method="lanczos", k=4, tol=1e-8)
     assert s2.converged and bool((s2.residuals <= 1e-8 * float(s2.singular_values[0]) ** 2 * (1 + 1e-9)).all())
     assert math.isclose(float(s2.singular_values[0]), float(sv[0]), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(40, 300), (300, 1), (1, 30)], ids=["N<d", "d=1", "N=1"])
+@pytest.mark.parametrize("kind", ["rank1", "power1"])
+def test_every_strategy_on_odd_shapes(matrices, shape, kind):
+    x = matrices.get(kind, shape, torch.float32)
+    ref_s = ref_sv(x)
+    ref = np_rankme(ref_s.numpy())
+    for name in ("svd", "gram", "randomized", "lanczos", "slq"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            s = rf.spectrum(x, method=name)
+        if name in ("svd", "gram"):
+            assert float((s.singular_values - ref_s).abs().max() / ref_s[0]) < 1e-6, name
+            assert abs(s.rankme() - ref) / ref < 1e-4, name
+        else:
+            lo, hi = s.rankme_interval()
+            assert lo * (1 - 1e-9) <= ref <= hi * (1 + 1e-9), (name, lo, ref, hi)
+    fast = rf.spectrum(x, precision="fast")
+    assert abs(fast.rankme() - ref) / ref < 1e-2
