@@ -1,33 +1,22 @@
 """Benchmark fixtures: machine/version info attached to every pytest-benchmark record."""
 import datetime
 import os
-import platform
 
 import pytest
 import torch
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     import rankme_fast
-    from rankme_fast.backends import cpu as native
+    from rankme_fast._config import cpu_model, kernel_isa
 
-    mod = native.load()
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "rankme_fast": rankme_fast.__version__,
-        "kernel_isa": mod.gram_isa() if mod else "none",
+        "kernel_isa": kernel_isa(),
         "date": datetime.date.today().isoformat(),
     }
 

@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -109,20 +108,9 @@ def _torch():
     return torch
 
 
-DTYPE_NAMES = ("bf16", "fp16", "fp32", "fp64")
-
-
 def dtype(name: str):
     torch = _torch()
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[name]
-
-
-class _Dtypes(dict):
-    def __missing__(self, key):
-        return dtype(key)
-
-
-DTYPES = _Dtypes()  # name -> torch dtype, resolved on first use (no torch import at module import)
 
 
 def _sync() -> None:

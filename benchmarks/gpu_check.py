@@ -53,13 +53,8 @@ def _cmd(argv: list, timeout: float = 30) -> str:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or "?"
+    from rankme_fast._config import cpu_model as model  # noqa: PLC0415
+    return f"{model()} ({os.cpu_count()} threads)"
 
 
 def env_info(dry_run: bool) -> dict:

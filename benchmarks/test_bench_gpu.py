@@ -25,7 +25,7 @@ ROUTES = ["triton-int8", "triton-fp64", "triton-fast", "cuda-exact", "cuda-fast"
                 ids=lambda p: f"{p[0][0]}x{p[0][1]}-{p[1]}")
 def routes(request):
     (n, d), dt = request.param
-    x = torch.randn(n, d, device="cuda").to(gpu_bench.DTYPES[dt])
+    x = torch.randn(n, d, device="cuda").to(gpu_bench.dtype(dt))
     yield (n, d, dt), gpu_bench.kernel_routes(x)
     del x
     torch.cuda.empty_cache()

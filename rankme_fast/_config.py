@@ -10,6 +10,24 @@ import torch
 from . import backends
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def kernel_isa() -> str:
+    """The instruction set of the native CPU kernel that runs here ("none" without the extension)."""
+    mod = backends.cpu.load()
+    return mod.gram_isa() if mod else "none"
+
+
 def config() -> dict:
     info: dict = {
         "rankme_fast": __import__("rankme_fast").__version__,

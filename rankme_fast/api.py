@@ -114,8 +114,6 @@ def spectrum(
                              "method='auto' chose an exact one here")
     elif method in approx or method == "svd":
         name = method
-    elif method == "gram" and t.ndim == 3 and precision == "exact":
-        name = "gram"
     else:
         name = "gram-fast" if precision == "fast" else method
     strat = strategies.get(name)

@@ -513,9 +513,10 @@ def bench(source: Any = None, *, shape: Optional[tuple] = None, dtype: str = "fl
         k = min(len(sv), len(ref_sv))
         row.sigma_err = float((sv[:k] - ref_sv[:k]).abs().max() / ref_sv[0]) if k else None
         row.n_sigma = len(sv)
-    machine = {"cpu": _cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    from ._config import cpu_model, kernel_isa  # noqa: PLC0415
+    machine = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "rankme_fast": getattr(_rf, "__version__", "?"), "python": platform.python_version(),
-               "date": datetime.date.today().isoformat(), "isa": _isa()}
+               "date": datetime.date.today().isoformat(), "isa": kernel_isa()}
     if device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
     return BenchResult(rows, n, d, dtype if source is None else str(x.dtype).replace("torch.", ""), device, center,
@@ -574,21 +575,3 @@ def _run_route(r: Route, row: Row, x, center, repeats, device, results, warm: bo
     row.rankme = rk
     row.interval = interval
     results[r.name] = sv
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _isa() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-        return "avx512f" if "avx512f" in flags else ("avx2" if "avx2" in flags else "baseline")
-    except (OSError, StopIteration):
-        return "?"

@@ -140,15 +140,14 @@ def _positive_float(text: str) -> float:
 
 
 def _bench(args) -> int:
-    import json
-
-    import importlib  # noqa: PLC0415
+    import importlib
 
     _b = importlib.import_module("rankme_fast.bench")  # the package attribute `bench` is the function
 
     if args.list:
-        from rankme_fast import strategies  # noqa: PLC0415
         import torch  # noqa: PLC0415
+
+        from rankme_fast import backends  # noqa: PLC0415
         dev = args.device or "cpu"
         for r in _b.routes(dev):
             ok, why = r.available(dev)
@@ -158,9 +157,7 @@ def _bench(args) -> int:
         for name in _b.route_names(dev):
             if name not in shown:
                 be = name[5:-1]
-                from rankme_fast import backends  # noqa: PLC0415
                 print(f"{name:<24} ours  exact   unavailable: {backends.BACKENDS[be].available(torch.device(dev))[1]}")
-        _ = strategies
         return 0
     if args.plot:
         try:

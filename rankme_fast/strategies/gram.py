@@ -8,7 +8,7 @@ import torch
 from ..gram import eigvals_desc, exact_gram
 from ..spectrum import EXACT_RANKME_RTOL, Spectrum
 from . import Cost, Strategy
-from ._common import dims, raise_if_nonfinite
+from ._common import dims, per_item, raise_if_nonfinite
 
 
 def cost(n, d, itemsize, device, options) -> Cost:
@@ -25,12 +25,7 @@ def run(t, *, center, backend=None, rtol=None, **_):  # noqa: ARG001
         acc, _ = accumulate(t, backend=backend, progress=False)
         return acc.spectrum(center)
     if t.ndim == 3:
-        from .._inputs import check_all_finite  # noqa: PLC0415
-        check_all_finite(t)  # report batch item and row before splitting the batch
-        parts = [run(t[i], center=center, backend=backend) for i in range(t.shape[0])]
-        first = parts[0]
-        return Spectrum(torch.stack([s.singular_values for s in parts]), t.shape[-2], t.shape[-1], center,
-                        first.method, first.backend, "exact", True, EXACT_RANKME_RTOL)
+        return per_item(run, t, center=center, backend=backend)
     res = exact_gram(t, center=center, backend=backend)
     if not bool(torch.isfinite(res.gram).all()):
         raise_if_nonfinite(t)

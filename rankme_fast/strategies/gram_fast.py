@@ -9,7 +9,7 @@ import torch
 from ..gram import eigvals_desc, fast_gram
 from ..spectrum import FAST_FLOOR, FAST_RANKME_RTOL, Spectrum
 from . import Cost, Strategy
-from ._common import dims, raise_if_nonfinite
+from ._common import dims, per_item, raise_if_nonfinite
 
 
 def cost(n, d, itemsize, device, options) -> Cost:
@@ -44,13 +44,7 @@ def _fast(x: torch.Tensor, center: bool):
 
 def run(t, *, center, backend=None, rtol=None, **_):  # noqa: ARG001
     if t.ndim == 3:
-        from .._inputs import check_all_finite  # noqa: PLC0415
-        check_all_finite(t)
-        parts = [run(t[i], center=center) for i in range(t.shape[0])]
-        first = parts[0]
-        return Spectrum(torch.stack([s.singular_values for s in parts]), t.shape[-2], t.shape[-1], center,
-                        first.method, first.backend, "fast", False, FAST_RANKME_RTOL,
-                        tuple(note for s in parts for note in s.notes))
+        return per_item(run, t, center=center)
     sv, be, notes = _fast(t, center)
     if sv is None or not bool(torch.isfinite(sv).all()):
         raise_if_nonfinite(t)
