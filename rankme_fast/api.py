@@ -117,16 +117,14 @@ def spectrum(
     else:
         name = "gram-fast" if precision == "fast" else method
     strat = strategies.get(name)
-    if not strat.exact and name in approx:
+    if name in approx:
         if t.ndim != 2:
             raise ValueError(f"method={name!r} needs one in-memory (N, d) matrix (not a path or a (B, N, d) batch)")
         if precision != "exact":
             raise ValueError(f"method={name!r} has its own error control; leave precision='exact'")
         if method != "auto":
             _warn_if_costlier(name, t, approx_options)
-    if name == "svd":
-        return strat.run(t, center=center, precision=precision)
-    return strat.run(t, center=center, backend=backend, rtol=rtol, **approx_options)
+    return strat.run(t, center=center, backend=backend, rtol=rtol, precision=precision, **approx_options)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class Strategy:
     exact: bool
     description: str
     cost: Callable  # (n, d, itemsize, device, options) -> Cost
-    run: Callable  # (t, *, center, backend, rtol, **options) -> Spectrum | ApproxSpectrum
+    run: Callable  # (t, *, center, backend, rtol, precision, **options) -> Spectrum | ApproxSpectrum
     batched: bool = False  # accepts (B, N, d)
     path: bool = False  # accepts a file / shard directory / glob (streamed)
     devices: tuple = ("cpu", "cuda")

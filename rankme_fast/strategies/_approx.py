@@ -9,7 +9,7 @@ def trace_pass(n, d, itemsize) -> tuple:
 
 
 def run_approx(method: str):
-    def run(t, *, center, backend=None, rtol=None, **options):  # noqa: ARG001
+    def run(t, *, center, backend=None, rtol=None, precision="exact", **options):  # noqa: ARG001
         if t.ndim != 2:
             raise ValueError(f"method={method!r} needs one in-memory (N, d) matrix "
                              "(not a path or a (B, N, d) batch)")
