@@ -263,6 +263,17 @@ class GramAccumulator:
         return (f"GramAccumulator(n_rows={self.n_rows}, n_features={self._d}, device={self._device}, "
                 f"backend={self.backend!r})")
 
+    # copy.deepcopy / pickle: the backend module is stored by name
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_be"] = None if self._be is None else self._be.NAME
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        name = state.get("_be")
+        self.__dict__.update(state)
+        self._be = None if name is None else backends.BACKENDS[name]
+
     # -- internals ----------------------------------------------------------------------------
     def _ensure_ok(self) -> None:
         if self._broken is not None:

@@ -769,3 +769,18 @@ def test_interrupted_update_marks_the_accumulator_broken(monkeypatch):
     monkeypatch.setattr(torch_ref, "gram_update", real)
     with pytest.raises(RuntimeError, match=r"batch 1 was interrupted \(MemoryError\)"):
         acc.rankme()
+
+
+def test_accumulator_pickles_and_deepcopies():
+    """The backend module is stored by name, so an accumulator (and a metric holding one) can be copied."""
+    import copy
+    import pickle
+
+    z = torch.randn(300, 12, dtype=torch.float64)
+    acc = GramAccumulator()
+    acc.update(z[:200])
+    for twin in (copy.deepcopy(acc), pickle.loads(pickle.dumps(acc))):
+        assert twin.backend == acc.backend
+        twin.update(z[200:])
+        assert torch.allclose(twin.gram(), z.T @ z, rtol=1e-12, atol=1e-12)
+    assert acc.n_rows == 200  # the original is untouched

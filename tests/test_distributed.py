@@ -54,16 +54,16 @@ def _env(rank: int, port: int) -> dict:
     return env
 
 
-def _launch_once(cfg: dict, out: Path):
+def _launch_once(cfg: dict, out: Path, worker: Path = WORKER, timeout: float = TIMEOUT):
     port = _free_port()
     logs, procs = [], []
     try:
         for r in range(WORLD):
             log = open(out / f"rank{r}.log", "w")  # noqa: SIM115 - closed below
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(cfg), str(out)],
+            procs.append(subprocess.Popen([sys.executable, str(worker), json.dumps(cfg), str(out)],
                                           cwd=str(out), env=_env(r, port), stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + timeout
         for p in procs:
             try:
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -73,7 +73,7 @@ def _launch_once(cfg: dict, out: Path):
                 for q in procs:
                     q.wait()
                 text = "\n".join(f"--- rank {r}:\n{(out / f'rank{r}.log').read_text()}" for r in range(WORLD))
-                pytest.fail(f"distributed workers hung (no exit within {TIMEOUT} s):\n{text}")
+                pytest.fail(f"distributed workers hung (no exit within {timeout} s):\n{text}")
     finally:
         for q in procs:
             if q.poll() is None:
@@ -84,12 +84,12 @@ def _launch_once(cfg: dict, out: Path):
     return [p.returncode for p in procs], [(out / f"rank{r}.log").read_text() for r in range(WORLD)]
 
 
-def launch(cfg: dict, tmp_path: Path):
-    """Run WORLD workers on ``cfg``; return (return codes, logs, out dir). Retries on a port clash."""
+def launch(cfg: dict, tmp_path: Path, worker: Path = WORKER, timeout: float = TIMEOUT):
+    """Run WORLD ``worker`` processes on ``cfg``; return (return codes, logs, out dir). Retries on a port clash."""
     for attempt in range(3):
         out = tmp_path / f"run{attempt}"
         out.mkdir()
-        codes, logs = _launch_once(cfg, out)
+        codes, logs = _launch_once(cfg, out, worker, timeout)
         if not any("address already in use" in log.lower() for log in logs):
             return codes, logs, out
     return codes, logs, out
