@@ -6,7 +6,9 @@ reference (DESIGN §2: RankMe / effective rank / stable rank uncentred; collapse
 participation ratio, NEsum centred). ``center=None`` means that default; passing a Spectrum together
 with a ``center`` that contradicts it raises instead of silently mixing conventions. 2-D input gives a
 float, 3-D input (B, N, d) a float64 tensor of shape (B,). Every metric function takes the options of
-:func:`spectrum` (``method``, ``precision``, ``backend``, ``rtol`` and the approximate methods' settings).
+:func:`spectrum` (``method``, ``precision``, ``backend``, ``rtol``, ``differentiable`` and the approximate
+methods' settings); with ``differentiable=True`` 2-D input gives a 0-d float64 tensor with a gradient
+(:mod:`rankme_fast.differentiable`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import warnings
 from typing import Any, Optional
 
 from . import backends
+from . import differentiable as _diff
 from . import metrics as _m
 from . import strategies
 from ._inputs import as_tensor
@@ -63,6 +66,7 @@ def spectrum(
     precision: str = "exact",
     backend: Optional[str] = None,
     rtol: Optional[float] = None,
+    differentiable: bool = False,
     **approx_options,
 ):
     """Singular values σ_1 ≥ … ≥ σ_K of Z (or of Z - 1μᵀ when ``center``), K = min(N, d).
@@ -85,6 +89,17 @@ def spectrum(
         backend: Gram backend, "auto" | "cpu" | "cuda" | "triton" | "torch" (default:
             ``RANKME_FAST_BACKEND`` or auto: the native CPU kernel for CPU tensors, the measured-best
             GPU kernel for CUDA tensors — see :mod:`rankme_fast.backends`).
+        differentiable: σ as a torch autograd graph of ``x`` (:mod:`rankme_fast.differentiable`):
+            λ = eigvalsh(G) of the float64 Gram G = VᵀV, or VVᵀ when N < d (V = float64 Z, centred if
+            asked), σ = √λ; the returned Spectrum's metric methods give float64 tensors (0-d for 2-D
+            input) whose gradient reaches ``x`` in its own dtype (bf16/float16/float32/float64). Only
+            eigenvalue derivatives are used (backward U diag(λ̄) Uᵀ), so the gradient is finite and, for
+            RankMe / effective rank / participation ratio, unique at repeated singular values. σ = 0 gets
+            the subgradient 0, and eigenvalues at or below the float64 rounding floor
+            min(8·K·ε₆₄, 1e-12)·λ_1 count as exactly 0 (value and gradient). Needs an in-memory tensor
+            (or array), method "auto" | "gram" | "svd" ("svd": autograd through
+            ``torch.linalg.svdvals``, for strongly collapsed Z) and precision "exact"; ``backend`` must
+            be None / "auto" / "torch" (torch ops run on the tensor's device); ``rtol`` is ignored.
 
     Raises:
         TypeError / ValueError for invalid input (DESIGN §6), including NaN/Inf (count and first row).
@@ -92,6 +107,8 @@ def spectrum(
     _check(method, precision, backend)
     if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
         raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}")
+    if differentiable:
+        return _differentiable_spectrum(x, center, method, precision, backend, approx_options)
     approx = _sp.APPROX
     if approx_options and method not in approx + ("auto",):
         raise ValueError(f"options {sorted(approx_options)} apply to approximate methods {approx} only")
@@ -127,12 +144,33 @@ def spectrum(
     return strat.run(t, center=center, backend=backend, rtol=rtol, precision=precision, **approx_options)
 
 
+def _differentiable_spectrum(x, center, method, precision, backend, approx_options):
+    if isinstance(x, (str, os.PathLike)):
+        raise ValueError("differentiable=True needs in-memory embeddings (a tensor with the autograd graph), "
+                         "not a path")
+    if method not in _diff.METHODS:
+        raise ValueError(f"differentiable=True supports method in {_diff.METHODS} (exact, through the float64 "
+                         f"eigen-decomposition), got method={method!r}")
+    if precision != "exact":
+        raise ValueError(f"differentiable=True is exact only: leave precision='exact' (got {precision!r})")
+    if backend not in (None, "auto", "torch"):
+        raise ValueError(f"differentiable=True runs torch ops on the tensor's device: backend must be None, "
+                         f"'auto' or 'torch' (got {backend!r})")
+    if approx_options:
+        raise ValueError(f"options {sorted(approx_options)} apply to approximate methods only, and "
+                         "differentiable=True is exact")
+    return _diff.spectrum(as_tensor(x, ndim=(2, 3)), center=bool(center), method=method)
+
+
 # ------------------------------------------------------------------------------------------------
 # metric functions
 
 
 def _spec(x: Any, center: Optional[bool], default_center: bool, opts: dict):
     if isinstance(x, (Spectrum, ApproxSpectrum)):
+        if opts.get("differentiable") and not getattr(x, "differentiable", False):
+            raise ValueError("differentiable=True needs the raw embeddings (or a Spectrum from "
+                             "rf.spectrum(z, differentiable=True)); this Spectrum holds no autograd graph")
         if center is not None and bool(center) != x.centered:
             raise ValueError(
                 f"center={center} contradicts the given Spectrum (computed with centered={x.centered}); "
@@ -174,7 +212,16 @@ def rankme(x: Any, eps: Optional[float] = None, *, center: Optional[bool] = None
         return_interval: return ``(value, (lo, hi))``: an approximate spectrum's interval, or the
             documented error bound of an exact/fast one. Without it, an approximate value whose interval is
             wider than ``rtol`` (default 1e-2) warns with the interval.
-        **options: method, precision, backend, rtol and the approximate settings of :func:`spectrum`.
+        **options: method, precision, backend, rtol, differentiable and the approximate settings of
+            :func:`spectrum`.
+
+    ``differentiable=True`` returns a float64 tensor (0-d; (B,) for a batch) with a gradient through the
+    float64 eigen-decomposition of the Gram (N×N when N < d), for use as a loss term, e.g.
+    ``loss = task_loss - 0.1 * rf.rankme(z, differentiable=True)``. Every convention works with it.
+    The gradient is dR/dZ = Σ_k (∂R/∂σ_k) u_k v_kᵀ, built from eigenvalue derivatives only, so it is
+    finite and unique at repeated singular values (R is a symmetric function of σ); σ_k = 0 gets the
+    subgradient 0, and σ below the float64 Gram's resolution (λ_k ≤ min(8·K·ε₆₄, 1e-12)·λ_1) count as 0
+    (see :func:`spectrum` and :mod:`rankme_fast.differentiable`).
     """
     if convention not in _m.RANKME_CONVENTIONS:
         raise ValueError(f"convention must be one of {list(_m.RANKME_CONVENTIONS)}, got {convention!r}")

@@ -48,6 +48,9 @@ class Spectrum:
         precision: "exact" or "fast".  exact: True when the DESIGN §3 contract applies.
         rankme_rtol: documented relative error bound of RankMe from this spectrum.
         notes: human-readable remarks (e.g. why a refinement pass ran).
+        differentiable: σ carry the autograd graph of the input (``rf.spectrum(z, differentiable=True)``,
+            :mod:`rankme_fast.differentiable`); the metric methods then return float64 tensors (0-d for
+            2-D input) instead of Python floats.
     """
 
     singular_values: torch.Tensor
@@ -60,6 +63,7 @@ class Spectrum:
     exact: bool = True
     rankme_rtol: float = EXACT_RANKME_RTOL
     notes: tuple = field(default_factory=tuple)
+    differentiable: bool = False
 
     @property
     def rank_dims(self) -> int:
@@ -72,7 +76,7 @@ class Spectrum:
         return self.singular_values**2 / max(self.n_rows - 1, 1)
 
     def _out(self, t: torch.Tensor):
-        return float(t) if t.ndim == 0 else t
+        return float(t) if t.ndim == 0 and not self.differentiable else t
 
     def rankme(self, eps: Optional[float] = None, convention: str = "paper"):
         """RankMe (ε = 1e-7 by default); ``convention`` reproduces a peer's formula (see
@@ -105,7 +109,8 @@ class Spectrum:
         return (
             f"Spectrum(K={self.rank_dims}, shape={shape}, N={self.n_rows}, d={self.n_features}, "
             f"centered={self.centered}, method={self.method!r}, backend={self.backend!r}, "
-            f"precision={self.precision!r}, rankme_rtol={self.rankme_rtol:g})"
+            f"precision={self.precision!r}, rankme_rtol={self.rankme_rtol:g}"
+            + (", differentiable=True)" if self.differentiable else ")")
         )
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+import rankme_fast as rf
+
 pytest.importorskip("torchmetrics")
 
 from rankme_fast.integrations.torchmetrics import METRICS, RankMe, SpectralMetrics  # noqa: E402
@@ -101,6 +103,7 @@ def test_rankme_equals_concatenated_rows(z64, dtype, sizes, max_rows):
     assert int(metric.n_rows) == used.shape[0]
     assert metric.rows_skipped == z.shape[0] - used.shape[0]
     assert rel(value, np_rankme_convention(ref_sv(used), "paper")) < TOL
+    assert rel(value, rf.rankme(used)) < TOL  # the in-memory API on the concatenated batches
 
 
 @pytest.mark.parametrize("convention", ["paper", "stable-pretraining", "stable-pretraining-jax", "reptrix"])
