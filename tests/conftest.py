@@ -67,6 +67,20 @@ def ref_sv(x, center: bool = False) -> torch.Tensor:
     return torch.linalg.svdvals(z)
 
 
+def np_sv(x, center: bool = False) -> torch.Tensor:
+    """σ (descending, float64) from NumPy's LAPACK SVD — an implementation independent of torch's, for
+    the routes that *are* torch.linalg.svdvals (method="svd"). Centred in NumPy float64."""
+    if isinstance(x, torch.Tensor):
+        a = x.detach().to(torch.float64).cpu().numpy()
+    elif hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
+        a = torch.from_dlpack(x).to(torch.float64).numpy()
+    else:
+        a = np.asarray(x, dtype=np.float64)
+    if center:
+        a = a - a.mean(-2, keepdims=True)
+    return torch.from_numpy(np.linalg.svd(a, compute_uv=False).copy())
+
+
 def np_rankme(sv, eps: float = 1e-7) -> float:
     """RankMe from DESIGN §2, in NumPy float64: exp(-Σ p log p), p = σ/‖σ‖₁ + ε, 0·log 0 = 0."""
     s = np.asarray(sv, dtype=np.float64)

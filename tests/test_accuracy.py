@@ -21,6 +21,7 @@ from tests.conftest import (
     GRID_SPECTRA,
     backend_or_skip,
     build,
+    np_sv,
     dtype_id,
     np_rankme,
     ref_sv,
@@ -31,7 +32,18 @@ from tests.conftest import (
 
 SV_TOL = 1e-6  # every σ_k within 1e-6·σ_1
 WELL_CONDITIONED = 1e-3  # σ_min ≥ 1e-3·σ_1 → RankMe within 1e-6
-METHODS = ("gram", "svd", "auto")
+# (method, backend): the Gram on each backend, and the float64 SVD (which uses no Gram backend). "auto"
+# resolves to the Gram on every grid shape: tested once in test_auto_is_the_gram, not across the grid.
+ROUTES = tuple(("gram", b) for b in BACKENDS) + (("svd", None),)
+ROUTE_IDS = tuple(m if b is None else f"{m}-{b}" for m, b in ROUTES)
+# method="svd" is float64 LAPACK: it must agree with NumPy's float64 SVD (an independent implementation)
+# to float64 rounding, far inside the contract (a float32 SVD would miss this by ~1e-7·σ_1)
+SVD_SV_TOL = 1e-10
+SVD_RANKME_TOL = 1e-9
+# centring a mean 1e4x the spread leaves rounding noise of its own (measured ≤ 4.4e-10·σ_1 on rank-5 data,
+# where NumPy's and torch's centring round differently); still 100x below a float32 route's error
+SVD_SV_TOL_CENTRED = 1e-9
+SVD_RANKME_TOL_CENTRED = 1e-8
 
 # (N, d): tall, N < d, d = 1, N = 1, N not a multiple of any chunk size, many chunks.
 SHAPES = ((3000, 64), (257, 300), (1000, 1), (1, 50), (5003, 40), (12000, 40))
@@ -57,17 +69,30 @@ def check_exact(s: rf.Spectrum, ref: torch.Tensor, what: str) -> None:
     assert e <= tol, f"{what}: RankMe {s.rankme()!r} vs reference {want!r}: rel. error {e:.3e} > {tol:g}"
 
 
+def check_route(s: rf.Spectrum, x, ref: torch.Tensor, method: str, center: bool, what: str) -> None:
+    """The contract against the float64 SVD; for method="svd" also float64 agreement with NumPy's SVD."""
+    check_exact(s, ref, what)
+    if method == "svd":
+        want = np_sv(x, center=center)
+        e_sv = sv_err(s.singular_values, want)
+        tol = SVD_SV_TOL_CENTRED if center else SVD_SV_TOL
+        assert e_sv <= tol, f"{what}: svd route vs NumPy float64 SVD: {e_sv:.3e} > {tol:g}"
+        e = rel_err(s.rankme(), np_rankme(want.numpy()))
+        tol = SVD_RANKME_TOL_CENTRED if center else SVD_RANKME_TOL
+        assert e <= tol, f"{what}: svd route RankMe vs NumPy: {e:.3e} > {tol:g}"
+
+
 # ----------------------------------------------------------------------------------------------
 # the main grid
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("method", "backend"), ROUTES, ids=ROUTE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("kind", GRID_SPECTRA)
 def test_exact_grid(matrices, kind, dtype, shape, backend, method):
-    backend_or_skip(backend)
+    if backend is not None:
+        backend_or_skip(backend)
     z = matrices.get(kind, shape, dtype)
     ref = matrices.ref(kind, shape, dtype)
     if float(ref.max()) == 0.0:  # pragma: no cover - a conversion that wiped the matrix out
@@ -81,7 +106,16 @@ def test_exact_grid(matrices, kind, dtype, shape, backend, method):
     assert s.method == ("svd" if method == "svd" else "gram")
     if method != "svd":
         assert s.backend == backend
-    check_exact(s, ref, f"{kind}/{dtype_id(dtype)}/{shape_id(shape)}/{backend}/{method}")
+    check_route(s, z, ref, method, False, f"{kind}/{dtype_id(dtype)}/{shape_id(shape)}/{backend}/{method}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_auto_is_the_gram(matrices, shape):
+    """method="auto" on in-memory 2-D input of these sizes is the exact Gram, bit for bit."""
+    z = matrices.get("power1", shape, torch.float32)
+    auto, gram = rf.spectrum(z), rf.spectrum(z, method="gram")
+    assert auto.method == "gram" and auto.backend == gram.backend
+    assert torch.equal(auto.singular_values, gram.singular_values)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,15 +141,15 @@ def test_public_rankme_matches_spectrum_and_reference(matrices, kind, backend):
 CENTER_SHAPES = ((3000, 64), (257, 300), (5003, 40), (1000, 1))
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("method", "backend"), ROUTES, ids=ROUTE_IDS)
 @pytest.mark.parametrize("shape", CENTER_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=dtype_id)
 @pytest.mark.parametrize("kind", GRID_SPECTRA)
 def test_centered_large_offset(matrices, kind, dtype, shape, backend, method):
     """Column mean 1e4× the spread of the entries: G − nμμᵀ would cancel catastrophically.
     (float16/bfloat16 cannot hold a 1e4 ratio of mean to spread: their 8-11 bit mantissas erase the data.)"""
-    backend_or_skip(backend)
+    if backend is not None:
+        backend_or_skip(backend)
     spread = float(matrices.get(kind, shape).std())
     if spread == 0.0:  # N = 1 or a constant matrix: nothing to centre
         pytest.skip("no spread")
@@ -124,7 +158,7 @@ def test_centered_large_offset(matrices, kind, dtype, shape, backend, method):
     ref = matrices.ref(kind, shape, dtype, center=True, offset=offset)
     s = rf.spectrum(z, center=True, method=method, backend=backend)
     assert s.centered is True
-    check_exact(s, ref, f"centred {kind}/{dtype_id(dtype)}/{shape_id(shape)}/{backend}/{method}")
+    check_route(s, z, ref, method, True, f"centred {kind}/{dtype_id(dtype)}/{shape_id(shape)}/{backend}/{method}")
     # and the uncentred spectrum of the same data is dominated by the mean: σ_1 ≈ offset·√(N d)
     if method == "gram":
         s0 = rf.spectrum(z, center=False, method=method, backend=backend)
@@ -136,19 +170,19 @@ def test_centered_large_offset(matrices, kind, dtype, shape, backend, method):
 
 
 @pytest.mark.parametrize("center", (False, True), ids=("raw", "centred"))
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("method", "backend"), ROUTES, ids=ROUTE_IDS)
 @pytest.mark.parametrize("shape", ((3000, 64), (257, 300)), ids=shape_id)
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=dtype_id)
 @pytest.mark.parametrize("scale", (1e-20, 1e15, 1e30), ids=("1e-20", "1e15", "1e30"))
 @pytest.mark.parametrize("kind", ("flat", "rank1", "power2", "rank8_noise"))
 def test_exact_extreme_scale(matrices, kind, scale, dtype, shape, backend, method, center):
-    backend_or_skip(backend)
+    if backend is not None:
+        backend_or_skip(backend)
     z = matrices.get(kind, shape, dtype, scale=scale)
     ref = matrices.ref(kind, shape, dtype, center=center, scale=scale)
     assert 0.1 * scale < float(ref[0]) < 10 * scale
     s = rf.spectrum(z, center=center, method=method, backend=backend)
-    check_exact(s, ref, f"scale {scale:g} {kind}/{dtype_id(dtype)}/{shape_id(shape)}/{backend}/{method}")
+    check_route(s, z, ref, method, center, f"scale {scale:g} {kind}/{dtype_id(dtype)}/{shape_id(shape)}/{backend}/{method}")
 
 
 @pytest.mark.parametrize("shape", ((3000, 64), (257, 300)), ids=shape_id)
@@ -237,7 +271,7 @@ def test_noncontiguous_and_numpy(matrices, dtype, layout, shape, backend, method
     x = views[layout]
     ref = ref_sv(x, center=center)
     s = rf.spectrum(x, center=center, method=method, backend=backend)
-    check_exact(s, ref, f"{layout}/{dtype_id(dtype)}/{shape_id(shape)}/{backend}/{method}")
+    check_route(s, x, ref, method, center, f"{layout}/{dtype_id(dtype)}/{shape_id(shape)}/{backend}/{method}")
     if isinstance(x, torch.Tensor):
         assert torch.equal(x, views[layout]), "the input was modified"
 
@@ -364,7 +398,7 @@ SHAPE_CENTER = [
 
 
 @pytest.mark.parametrize("precision", ("exact", "fast"))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ("gram", "svd", "auto"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize(("shape", "center"), SHAPE_CENTER)
 def test_batched(shape, center, dtype, method, precision):
