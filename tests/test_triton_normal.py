@@ -20,7 +20,9 @@ from rankme_fast.backends import triton_gpu  # noqa: E402
 from tests.conftest import run_python  # noqa: E402
 
 DEV = torch.device("cuda" if HAVE_GPU else "cpu")
-pytestmark = pytest.mark.skipif(triton_gpu.load() is None, reason=f"triton not importable: {triton_gpu._error}")
+# CI sets RANKME_FAST_REQUIRE_TRITON=1: a broken Triton import then fails these tests instead of skipping them
+pytestmark = pytest.mark.skipif(triton_gpu.load() is None and os.environ.get("RANKME_FAST_REQUIRE_TRITON") != "1",
+                                reason=f"triton not importable: {triton_gpu._error}")
 
 
 def _kernels():
