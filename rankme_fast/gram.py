@@ -12,6 +12,7 @@ chunked) and subtracted inside the kernel.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -30,6 +31,7 @@ class GramResult:
     n_features: int
     transposed: bool  # True when the N×N Gram was formed (N < d)
     backend: str
+    log2_scale: int = 0  # ``gram`` is that of x·2^log2_scale (σ of x = √eig · 2^-log2_scale)
 
 
 def abs_max(t: torch.Tensor) -> float:
@@ -40,6 +42,43 @@ def abs_max(t: torch.Tensor) -> float:
         return 0.0
     lo, hi = (float(v) for v in torch.aminmax(t))
     return float("nan") if lo != lo or hi != hi else max(hi, -lo)
+
+
+# Squares of |x| outside [2**-400, 2**400] (summed over up to 2**60 rows) come near float64's subnormal or
+# overflow range: such data is multiplied by a power of two first (exact), and σ divided by it afterwards.
+SCALE_EXP_LIMIT = 400
+
+
+def _magnitude_exp(amax: float) -> Optional[int]:
+    """e with amax = m·2^e, m ∈ [0.5, 1); None when amax is 0 or not finite (no magnitude to scale)."""
+    return math.frexp(amax)[1] if amax > 0 and math.isfinite(amax) else None
+
+
+def _scale_for_exp(e: Optional[int]) -> int:
+    """k such that data of magnitude 2^e is safe to square once multiplied by 2^k: 0 in the common range,
+    else -e (magnitude brought to [0.5, 1)). Non-increasing in e, so a larger magnitude never asks to
+    scale stored values up (which could overflow)."""
+    return 0 if e is None or -SCALE_EXP_LIMIT <= e <= SCALE_EXP_LIMIT else -e
+
+
+def scale_exponent(amax: float) -> int:
+    """The power-of-two exponent k to multiply data of max |x| = ``amax`` by before squaring (0 usually)."""
+    return _scale_for_exp(_magnitude_exp(amax))
+
+
+def ldexp(t: torch.Tensor, k: int, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """t·2^k in float64 (written into ``out`` when given; ``out`` may be ``t``), in steps of at most 2^±512
+    so that no factor overflows: exact unless the result itself under- or overflows float64. Without
+    ``out`` and with k = 0 a float64 ``t`` is returned as is (no copy)."""
+    res = t.to(torch.float64)
+    while k:
+        step = max(-512, min(512, k))
+        res = res * (2.0 ** step) if out is None else torch.mul(res, 2.0 ** step, out=out)
+        k -= step
+    if out is not None and res is not out:
+        out.copy_(res)
+        res = out
+    return res
 
 
 def _column_means(x: torch.Tensor) -> torch.Tensor:
@@ -82,13 +121,26 @@ def _backend_gram(be, x: torch.Tensor, *, center: bool, **kw) -> tuple[torch.Ten
 
 
 def exact_gram(
-    x: torch.Tensor, *, center: bool, backend: Optional[str] = None, num_threads: Optional[int] = None
+    x: torch.Tensor, *, center: bool, backend: Optional[str] = None, num_threads: Optional[int] = None,
+    amax: Optional[float] = None, scaled: bool = False,
 ) -> GramResult:
-    """Float64-exact Gram of a validated 2-D tensor ``x`` (N×d)."""
+    """Float64-exact Gram of a validated 2-D tensor ``x`` (N×d).
+
+    Float64 data whose max |x| (``amax`` if the caller knows it, else one min/max pass) is outside
+    [2^-400, 2^400] is squared as a copy x·2^k (exact, k from :func:`scale_exponent`), so tiny or huge
+    inputs neither underflow nor overflow; other dtypes cannot get there (float32's range squared fits
+    float64) and are never copied. With ``scaled`` the Gram of x·2^k is returned and k is in
+    ``log2_scale`` (σ = √eig·2^-k stays exact where the Gram itself is not representable); otherwise the
+    Gram is scaled back (rounded where it under- or overflows)."""
     n, d = x.shape
+    k = 0
+    if x.dtype == torch.float64:
+        k = scale_exponent(abs_max(x) if amax is None else amax)
     be = backends.select(backend, x.device, dtype=x.dtype, shape=(n, d))
-    g, transposed = _backend_gram(be, x, center=center, num_threads=num_threads)
-    return GramResult(g, n, d, transposed, be.NAME)
+    g, transposed = _backend_gram(be, ldexp(x, k) if k else x, center=center, num_threads=num_threads)
+    if k and not scaled:
+        g, k = ldexp(g, -2 * k), 0
+    return GramResult(g, n, d, transposed, be.NAME, k)
 
 
 def fast_gram(x: torch.Tensor, *, center: bool, basis: Optional[torch.Tensor] = None) -> GramResult:
@@ -195,6 +247,78 @@ def _normal_device(device) -> torch.device:
     return dev
 
 
+def _reraise(exc: BaseException, msg: str):
+    """Raise ``msg`` as the same exception type as ``exc`` (so callers catching an out-of-memory error
+    still do), chained to it."""
+    try:
+        new = type(exc)(msg)
+    except Exception:  # an exception type with a different constructor
+        new = RuntimeError(msg)
+    raise new from exc
+
+
+def _max_exp(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    return a if b is None else b if a is None else max(a, b)
+
+
+INT64_MAX = (1 << 63) - 1
+STATE_SYM_TOL = 1e-12  # max |G − Gᵀ| relative to max G_jj: a saved Gram is exactly symmetric
+STATE_PSD_TOL = 1e-9  # |G_ij| ≤ √(G_ii G_jj)(1 + tol) + tol·max G_jj, G_jj ≥ −tol·max G_jj
+STATE_SUM_TOL = 1e-6  # c_j²/n ≤ G_jj (1 + tol) + 1e-12·max G_jj; tr(G)² ≤ n‖G‖_F² (1 + tol)
+
+
+def _check_state(n: int, shift: torch.Tensor, csum: torch.Tensor, g: torch.Tensor) -> None:
+    """ValueError unless (n, s, c, G) can be the state of n rows z_r: G = Σ (z_r − s)(z_r − s)ᵀ is
+    symmetric with |G_ij|² ≤ G_ii G_jj (its 2×2 minors PSD), c = Σ (z_r − s) obeys Cauchy–Schwarz
+    c_j² ≤ n G_jj, rank G ≤ n (checked through tr(G)² ≤ n‖G‖_F²), and n = 0 means all zero — each to
+    rounding. O(d²) time, temporaries of ≤ 32 MiB; computed on G scaled by a power of two (no overflow)."""
+    if n == 0:
+        for key, t in (("shift", shift), ("col_sum", csum), ("gram", g)):
+            if bool(t.any()):
+                raise ValueError(f"state has n_rows = 0 but a non-zero state[{key!r}] (a state without rows is "
+                                 "all zero)")
+        return
+    d = g.shape[0]
+    top = abs_max(torch.diagonal(g))
+    if top == 0:
+        if bool(g.any()) or bool(csum.any()):
+            raise ValueError("state['gram'] has an all-zero diagonal but non-zero entries or col_sum: not the "
+                             "state of any rows")
+        return
+    p = 1 - math.frexp(math.sqrt(top))[1]  # G·2^2p has max |G_jj| in [0.25, 1)
+    dg = ldexp(torch.diagonal(g), 2 * p)
+    low = float(dg.min())
+    if low < -STATE_PSD_TOL:
+        j = int(dg.argmin())
+        raise ValueError(f"state['gram'] has a negative diagonal entry (gram[{j}, {j}] = {float(g[j, j]):.6g}): "
+                         "a Gram matrix has G_jj = Σ (z_rj − s_j)² ≥ 0")
+    sq = dg.clamp_min(0).sqrt()
+    step = max(1, (1 << 22) // d)
+    asym = excess = fro = 0.0
+    for r0 in range(0, d, step):
+        blk = ldexp(g[r0 : r0 + step], 2 * p)
+        asym = max(asym, abs_max(blk - ldexp(g[:, r0 : r0 + step].T, 2 * p)))
+        bound = torch.outer(sq[r0 : r0 + step], sq).mul_(1 + STATE_PSD_TOL).add_(STATE_PSD_TOL)
+        excess = max(excess, float((blk.abs() - bound).max()))
+        fro += float((blk * blk).sum())
+    if asym > STATE_SYM_TOL:
+        raise ValueError(f"state['gram'] is not symmetric (max |G − Gᵀ| = {asym:.3g} of max G_jj): a Gram matrix "
+                         "is symmetric")
+    if excess > 0:
+        raise ValueError("state['gram'] is not positive semi-definite: some |G_ij|² > G_ii·G_jj (a Gram matrix "
+                         "obeys Cauchy–Schwarz)")
+    cs = ldexp(csum, p)
+    worst = float((cs * cs / n - dg * (1 + STATE_SUM_TOL)).max())
+    if worst > 1e-12:
+        j = int((cs * cs / n - dg).argmax())
+        raise ValueError(f"state['col_sum'] is inconsistent with n_rows = {n} and the Gram diagonal: "
+                         f"col_sum[{j}]² / n > gram[{j}, {j}] (Σ_r (z_rj − s_j))² ≤ n·Σ_r (z_rj − s_j)² for any n rows)")
+    tr = float(dg.sum())
+    if n < d and tr * tr > n * fro * (1 + STATE_SUM_TOL):
+        raise ValueError(f"state['gram'] has rank > n_rows = {n}: tr(G)² > n·‖G‖_F² (ratio "
+                         f"{tr * tr / (n * fro):.6g}), impossible for the Gram of n rows (rank ≤ n)")
+
+
 STATE_FORMAT = "rankme_fast.GramAccumulator"
 STATE_VERSION = 1
 
@@ -245,6 +369,13 @@ class GramAccumulator:
         self._csum: Optional[torch.Tensor] = None
         self._g: Optional[torch.Tensor] = None  # padded buffer; upper triangle of [:d, :d] valid
         self._broken: Optional[str] = None
+        # the state describes the rows z·2^_log2_scale; _max_exp bounds log2 max|z| of the rows seen (None:
+        # no non-zero row yet), and _log2_scale == _scale_for_exp(_max_exp) between calls
+        self._log2_scale = 0
+        self._max_exp: Optional[int] = None
+        # update/merge/load_state_dict and state reads hold it: the kernels release the GIL, so two threads
+        # would otherwise add into G at once. Reentrant, so a locked method may call another one.
+        self._lock = threading.RLock()
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -267,12 +398,17 @@ class GramAccumulator:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_be"] = None if self._be is None else self._be.NAME
+        state.pop("_lock", None)  # a lock is not copyable; each copy gets its own
         return state
 
     def __setstate__(self, state: dict) -> None:
         name = state.get("_be")
         self.__dict__.update(state)
         self._be = None if name is None else backends.BACKENDS[name]
+        self.__dict__.setdefault("_log2_scale", 0)  # pickles from before scaling existed
+        self._lock = threading.RLock()
+        if "_max_exp" not in state:
+            self._max_exp = self._state_exp()
 
     # -- internals ----------------------------------------------------------------------------
     def _ensure_ok(self) -> None:
@@ -281,32 +417,74 @@ class GramAccumulator:
                                "create a new one (or load_state_dict from a checkpoint)")
 
     def _allocate(self, d: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
-        self._d = d
-        self._device = device
         # a stream's length is unknown: choose as for a large problem of this d
-        self._be = backends.select(self._backend_name, device, dtype=dtype, shape=(1 << 30, d))
-        size = self._be.padded(d)
-        self._g = torch.zeros(size, size, dtype=torch.float64, device=device)
-        self._csum = torch.zeros(d, dtype=torch.float64, device=device)
-        self._shift = torch.zeros(d, dtype=torch.float64, device=device)
+        be = backends.select(self._backend_name, device, dtype=dtype, shape=(1 << 30, d))
+        size = be.padded(d)
+        need = 8 * (size * size + 2 * d)
+        from .strategies import free_memory  # noqa: PLC0415 - only when a state is allocated
 
-    def _centered_parts(self):
-        """(n, μ, M) with M the full symmetric centred scatter matrix."""
+        free = free_memory(torch.device(device).type)
+        if need > free:  # checked before anything changes: the accumulator stays usable
+            raise ValueError(
+                f"GramAccumulator: the d×d float64 Gram of d={d} features needs {need / 1e9:.3g} GB but only "
+                f"{free / 1e9:.3g} GB is free on {device}; with fewer rows than features score the matrix in "
+                "memory instead (rf.rankme / rf.spectrum form the N×N Gram), or use an approximate method "
+                "(method='randomized', 'lanczos' or 'slq')")
+        try:
+            g = torch.zeros(size, size, dtype=torch.float64, device=device)
+            csum = torch.zeros(d, dtype=torch.float64, device=device)
+            shift = torch.zeros(d, dtype=torch.float64, device=device)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            self._broken = f"allocating its {size}×{size} float64 Gram ({need / 1e9:.3g} GB) failed"
+            _reraise(exc, f"GramAccumulator: {self._broken}: {exc}; this accumulator is now unusable")
+        self._d, self._device, self._be = d, device, be
+        self._g, self._csum, self._shift = g, csum, shift
+
+    def _rescale_state(self, k: int) -> None:
+        """Re-express the state for rows z·2^k (k from _scale_for_exp of a bound on the magnitude, so
+        the stored values stay in range; parts that underflow are below the rounding of the rest)."""
+        delta = k - self._log2_scale
+        if delta and self._g is not None:
+            ldexp(self._shift, delta, out=self._shift)
+            ldexp(self._csum, delta, out=self._csum)
+            ldexp(self._g, 2 * delta, out=self._g)
+        self._log2_scale = k
+
+    def _state_exp(self) -> Optional[int]:
+        """A bound on log2 max|z| of the rows in the state, from |z_j| ≤ |s_j| + √G_jj (None: all zero)."""
+        if self._g is None or self.n_rows == 0:
+            return None
+        diag = float(torch.diagonal(self._g)[: self._d].max())
+        e = _magnitude_exp(max(abs_max(self._shift), math.sqrt(max(diag, 0.0))))
+        return None if e is None else e + 1 - self._log2_scale  # + 1: the sum of the two bounds
+
+    def _centered_parts(self, log2_scale: Optional[int] = 0):
+        """(n, μ, M) with M the full symmetric centred scatter matrix, of the rows z·2^log2_scale: by default
+        of z itself (rounded where tiny or huge embeddings leave float64's range), None: of the rows as
+        stored (z·2^_log2_scale, always in range)."""
         d, n = self._d, self.n_rows
         g = _sym_upper(self._g[:d, :d])
         mu = self._shift + self._csum / n
         m = g - torch.outer(self._csum, self._csum) / n
+        if log2_scale is not None and log2_scale != self._log2_scale:
+            delta = log2_scale - self._log2_scale
+            mu, m = ldexp(mu, delta), ldexp(m, 2 * delta)
         return n, mu, m
 
     @torch.no_grad()
-    def _set_centered(self, n: int, mu: torch.Tensor, m: torch.Tensor) -> None:
-        """Rebase the state on shift = μ (so c = 0 and G = M)."""
+    def _set_centered(self, n: int, mu: torch.Tensor, m: torch.Tensor, log2_scale: int = 0,
+                      max_exp: Optional[int] = None) -> None:
+        """Rebase the state on shift = μ (so c = 0 and G = M), (μ, M) being those of the rows z·2^log2_scale
+        (default: of z itself); ``max_exp`` bounds log2 max|z| (default: estimated from μ and M)."""
         d = self._d
         self.n_rows = int(n)
         self._shift.copy_(mu)
         self._csum.zero_()
         self._g.zero_()
         self._g[:d, :d].copy_(m)
+        self._log2_scale = log2_scale
+        self._max_exp = self._state_exp() if max_exp is None else max_exp
+        self._rescale_state(_scale_for_exp(self._max_exp))
 
     # -- accumulation -------------------------------------------------------------------------
     def update(self, batch) -> "GramAccumulator":
@@ -315,7 +493,14 @@ class GramAccumulator:
 
         Raises ValueError when d or the device differs from earlier batches, or when the batch holds
         NaN/Inf (count and row); after the latter the accumulator is unusable (its state is poisoned).
+        Float64 rows of magnitude outside [2^-400, 2^400] are accumulated as z·2^k (exact; see
+        ``_log2_scale``), so tiny or huge embeddings neither underflow nor overflow. Thread-safe: concurrent
+        calls are serialised.
         """
+        with self._lock:
+            return self._update(batch)
+
+    def _update(self, batch) -> "GramAccumulator":
         self._ensure_ok()
         from ._inputs import check_all_finite, to_torch
 
@@ -337,14 +522,29 @@ class GramAccumulator:
         self.n_batches += 1
         if rows == 0:
             return self
+        # Only float64 can hold magnitudes whose squares leave float64's range: one min/max pass for it,
+        # none for the other dtypes (bounded by their largest finite value).
+        if t.dtype == torch.float64:
+            e_batch = _magnitude_exp(abs_max(t))
+        else:
+            e_batch = math.frexp(torch.finfo(t.dtype).max)[1]
+        e_all = _max_exp(self._max_exp, e_batch)
+        k = _scale_for_exp(e_all)
         try:  # all or nothing: an interruption mid-batch (OOM, Ctrl-C) must not leave a half-added batch
+            if k != self._log2_scale:
+                self._rescale_state(k)
+            self._max_exp = e_all
+            x = ldexp(t, k) if k else t  # a copy only for extreme magnitudes
             if self.n_rows == 0:
-                self._shift.copy_(shift_for(t[: min(rows, SHIFT_ROWS)].to(torch.float64).mean(0), t.dtype))
+                self._shift.copy_(shift_for(x[: min(rows, SHIFT_ROWS)].to(torch.float64).mean(0), x.dtype))
             kw = {"num_threads": self._num_threads} if self._be is backends.cpu else {}
-            self._be.gram_update(t, self._g, col_sum=self._csum, col_shift=self._shift, **kw)
+            self._be.gram_update(x, self._g, col_sum=self._csum, col_shift=self._shift, **kw)
             self.n_rows += rows
         except BaseException as exc:
             self._broken = f"{name} was interrupted ({type(exc).__name__}) while being added"
+            if isinstance(exc, (RuntimeError, MemoryError)):  # out of memory, mostly
+                _reraise(exc, f"{name}: {type(exc).__name__} while being added ({exc}); this GramAccumulator "
+                              "is now unusable (create a new one, or load_state_dict from a checkpoint)")
             raise
         # O(d) check: a NaN/Inf anywhere in the batch reaches the column sums, an overflowing square
         # reaches the diagonal.
@@ -359,31 +559,44 @@ class GramAccumulator:
 
     @torch.no_grad()
     def merge(self, other: "GramAccumulator") -> "GramAccumulator":
-        """Add the rows accumulated by ``other`` (Chan's parallel formula); ``other`` is unchanged."""
+        """Add the rows accumulated by ``other`` (Chan's parallel formula); ``other`` is unchanged.
+        Thread-safe: ``other`` is read under its own lock, then this one is updated under its lock (never
+        both locks at once, so ``a.merge(b)`` and ``b.merge(a)`` in two threads cannot deadlock)."""
         self._ensure_ok()
         if not isinstance(other, GramAccumulator):
             raise TypeError(f"merge expects a GramAccumulator, got {type(other).__name__}")
-        other._ensure_ok()
-        if other._d is not None and self._d is not None and other._d != self._d:
-            raise ValueError(f"merge: the other accumulator has d={other._d}, this one d={self._d}")
-        if other.n_rows == 0:
-            self.n_batches += other.n_batches
+        with other._lock:  # a consistent snapshot of other (new tensors, so it may change afterwards)
+            other._ensure_ok()
+            od, nb, batches = other._d, other.n_rows, other.n_batches
+            if nb:
+                _, mub, mb = other._centered_parts(None)
+                kb, eb, devb = other._log2_scale, other._max_exp, other._device
+        with self._lock:
+            self._ensure_ok()
+            if od is not None and self._d is not None and od != self._d:
+                raise ValueError(f"merge: the other accumulator has d={od}, this one d={self._d}")
+            if nb == 0:
+                self.n_batches += batches
+                return self
+            dev = self._device if self._device is not None else devb
+            if self._g is None:
+                self._allocate(od, dev)
+            # both parts in units of the scale that suits the larger magnitude (exact powers of two)
+            e = _max_exp(self._max_exp, eb)
+            k = _scale_for_exp(e)
+            self._rescale_state(k)
+            self._max_exp = e
+            mub, mb = ldexp(mub.to(dev), k - kb), ldexp(mb.to(dev), 2 * (k - kb))
+            if self.n_rows == 0:
+                self._set_centered(nb, mub, mb, k, e)
+            else:
+                na, mua, ma = self._centered_parts(None)
+                n = na + nb
+                delta = mub - mua
+                mu = mua + delta * (nb / n)
+                self._set_centered(n, mu, ma + mb + torch.outer(delta, delta) * (na / n * nb), k, e)
+            self.n_batches += batches
             return self
-        dev = self._device if self._device is not None else other._device
-        nb, mub, mb = other._centered_parts()
-        mub, mb = mub.to(dev), mb.to(dev)
-        if self._g is None:
-            self._allocate(other._d, dev)
-        if self.n_rows == 0:
-            self._set_centered(nb, mub, mb)
-        else:
-            na, mua, ma = self._centered_parts()
-            n = na + nb
-            delta = mub - mua
-            mu = mua + delta * (nb / n)
-            self._set_centered(n, mu, ma + mb + torch.outer(delta, delta) * (na / n * nb))
-        self.n_batches += other.n_batches
-        return self
 
     def all_reduce(self, group=None) -> "GramAccumulator":
         """Combine the states of every rank of ``group`` (torch.distributed) in place; afterwards each
@@ -392,7 +605,8 @@ class GramAccumulator:
         all_reduce sums the Chan-corrected scatter matrices — embeddings never leave their rank."""
         from .distributed import all_reduce_accumulator
 
-        return all_reduce_accumulator(self, group)  # a broken accumulator is reported on every rank
+        with self._lock:
+            return all_reduce_accumulator(self, group)  # a broken accumulator is reported on every rank
 
     # -- results ------------------------------------------------------------------------------
     def _need_rows(self) -> None:
@@ -400,14 +614,8 @@ class GramAccumulator:
         if self.n_rows == 0:
             raise ValueError("GramAccumulator: no rows accumulated yet; call update() with data first")
 
-    def mean(self) -> torch.Tensor:
-        """Column means μ (d,), float64."""
-        self._need_rows()
-        return self._shift + self._csum / self.n_rows
-
-    def gram(self, center: bool = False) -> torch.Tensor:
-        """The d×d float64 Gram matrix ZᵀZ, or the centred scatter (Z − 1μᵀ)ᵀ(Z − 1μᵀ) when ``center``."""
-        self._need_rows()
+    def _stored_gram(self, center: bool) -> torch.Tensor:
+        """The Gram (or centred scatter) of the stored rows z·2^_log2_scale, full and symmetric."""
         n, s, c = self.n_rows, self._shift, self._csum
         g = _sym_upper(self._g[: self._d, : self._d])
         if center:
@@ -415,18 +623,34 @@ class GramAccumulator:
         sc = torch.outer(s, c)
         return g + (sc + sc.T) + torch.outer(s, s) * n  # every term exactly symmetric
 
+    def mean(self) -> torch.Tensor:
+        """Column means μ (d,), float64."""
+        with self._lock:
+            self._need_rows()
+            return ldexp(self._shift + self._csum / self.n_rows, -self._log2_scale)
+
+    def gram(self, center: bool = False) -> torch.Tensor:
+        """The d×d float64 Gram matrix ZᵀZ, or the centred scatter (Z − 1μᵀ)ᵀ(Z − 1μᵀ) when ``center``
+        (for embeddings scaled internally, rounded where the Gram itself leaves float64's range)."""
+        with self._lock:
+            self._need_rows()
+            return ldexp(self._stored_gram(center), -2 * self._log2_scale)
+
     def spectrum(self, center: bool = False):
         """:class:`~rankme_fast.Spectrum` of the accumulated rows (K = min(n, d) singular values)."""
         from .spectrum import EXACT_RANKME_RTOL, Spectrum
 
-        self._need_rows()
-        g = self.gram(center)
+        with self._lock:
+            self._need_rows()
+            g = self._stored_gram(center)
+            n, d, k2, backend = self.n_rows, self._d, self._log2_scale, self.backend
         if not bool(torch.isfinite(g).all()):
             raise ValueError("GramAccumulator: the Gram matrix overflowed float64; rescale the embeddings")
-        k = min(self.n_rows, self._d)
-        sv = eigvals_desc(g)[:k].sqrt()
-        return Spectrum(sv, self.n_rows, self._d, bool(center), "gram", self.backend, "exact",
-                        True, EXACT_RANKME_RTOL)
+        k = min(n, d)
+        sv = ldexp(eigvals_desc(g)[:k].sqrt(), -k2)  # σ of the stored rows z·2^k2, back to z's scale
+        if not bool(torch.isfinite(sv).all()):
+            raise ValueError("GramAccumulator: the singular values overflow float64; rescale the embeddings")
+        return Spectrum(sv, n, d, bool(center), "gram", backend, "exact", True, EXACT_RANKME_RTOL)
 
     def rankme(self, eps: float = 1e-7, *, center: bool = False) -> float:
         """RankMe of the accumulated rows (uncentred by default, as in Garrido et al.)."""
@@ -434,18 +658,34 @@ class GramAccumulator:
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Plain tensors and ints (loadable with ``torch.load(..., weights_only=True)``)."""
-        self._ensure_ok()
-        sd = {"format": STATE_FORMAT, "version": STATE_VERSION, "n_rows": int(self.n_rows),
-              "n_batches": int(self.n_batches), "n_features": self._d}
-        if self._g is not None:
-            d = self._d
-            sd.update(shift=self._shift.clone(), col_sum=self._csum.clone(), gram=_sym_upper(self._g[:d, :d]))
-        return sd
+        """Plain tensors and ints (loadable with ``torch.load(..., weights_only=True)``). For embeddings
+        scaled internally (magnitudes outside [2^-400, 2^400]) the tensors are the unscaled ones when those
+        are exactly representable; otherwise they are those of the rows z·2^k and ``log2_scale`` = k."""
+        with self._lock:
+            self._ensure_ok()
+            sd = {"format": STATE_FORMAT, "version": STATE_VERSION, "n_rows": int(self.n_rows),
+                  "n_batches": int(self.n_batches), "n_features": self._d}
+            if self._g is not None:
+                d, k = self._d, self._log2_scale
+                parts = [self._shift.clone(), self._csum.clone(), _sym_upper(self._g[:d, :d])]
+                if k:
+                    plain = [ldexp(t, -k * w) for t, w in zip(parts, (1, 1, 2))]
+                    if all(torch.equal(ldexp(u, k * w), t) for u, t, w in zip(plain, parts, (1, 1, 2))):
+                        parts = plain
+                    else:
+                        sd["log2_scale"] = k
+                sd.update(zip(("shift", "col_sum", "gram"), parts))
+            return sd
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> "GramAccumulator":
-        """Replace this accumulator's state by ``state`` (from :meth:`state_dict`), validating it."""
+        """Replace this accumulator's state by ``state`` (from :meth:`state_dict`), validating it: types
+        and shapes, finiteness, and that the tensors can be those of ``n_rows`` rows (symmetric PSD-looking
+        Gram, column sums within Cauchy–Schwarz of its diagonal, all zero without rows, rank ≤ n_rows)."""
+        with self._lock:
+            return self._load_state_dict(state)
+
+    def _load_state_dict(self, state: dict) -> "GramAccumulator":
         if not isinstance(state, dict):
             raise TypeError(f"load_state_dict expects a dict, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
@@ -457,6 +697,11 @@ class GramAccumulator:
         for key, val in (("n_rows", n), ("n_batches", nb)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
                 raise ValueError(f"state[{key!r}] must be a non-negative int, got {val!r}")
+            if val > INT64_MAX:
+                raise ValueError(f"state[{key!r}] = {val} exceeds int64 (2**63 - 1): not a row count")
+        scale = state.get("log2_scale", 0)
+        if not isinstance(scale, int) or isinstance(scale, bool) or abs(scale) > 1100:
+            raise ValueError(f"state['log2_scale'] must be an int in [-1100, 1100], got {scale!r}")
         if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
             raise ValueError(f"state['n_features'] must be a positive int or None, got {d!r}")
         if self._d is not None and d is not None and d != self._d:
@@ -479,14 +724,19 @@ class GramAccumulator:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"state[{key!r}] holds NaN/Inf")
             tensors[key] = t
-        self._broken = None
-        self.n_rows, self.n_batches = n, nb
+        if tensors:
+            _check_state(n, tensors["shift"], tensors["col_sum"], tensors["gram"])
         if d is None:
+            self._broken = None
+            self.n_rows, self.n_batches = n, nb
+            self._log2_scale, self._max_exp = 0, None
             return self
         dev = self._device if self._device is not None else (
             tensors["gram"].device if "gram" in tensors else torch.device("cpu"))
         if self._g is None or self._d != d:
-            self._allocate(d, dev)
+            self._allocate(d, dev)  # raises before anything changed when d×d does not fit
+        self._broken = None
+        self.n_rows, self.n_batches = n, nb
         self._g.zero_()
         self._shift.zero_()
         self._csum.zero_()
@@ -494,4 +744,7 @@ class GramAccumulator:
             self._shift.copy_(tensors["shift"])
             self._csum.copy_(tensors["col_sum"])
             self._g[:d, :d].copy_(tensors["gram"])
+        self._log2_scale = scale if tensors else 0
+        self._max_exp = self._state_exp()
+        self._rescale_state(_scale_for_exp(self._max_exp))
         return self

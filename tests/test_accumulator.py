@@ -600,15 +600,18 @@ def test_non_finite_batch_poisons_accumulator(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_overflowing_batch_poisons_accumulator(backend):
+def test_huge_batch_whose_squares_overflow_is_scaled_exactly(backend):
+    """Squares of 3e200 overflow float64: the rows are accumulated times a power of two instead (issue 14
+    item 8), so the spectrum is that of the float64 SVD (formerly an "overflow" error)."""
     backend_or_skip(backend)
     acc = GramAccumulator(backend=backend)
     big = torch.full((3, 4), 1e200, dtype=torch.float64)
     big[1, 2] = -3e200
-    with pytest.raises(ValueError, match=r"batch 0: squares of the input overflow float64 \(max \|x\| = 3e\+200\)"):
-        acc.update(big)
-    with pytest.raises(RuntimeError, match=r"squares overflow float64"):
-        acc.spectrum()
+    big[2, 0] = 2e200
+    acc.update(big)
+    ref = ref_sv(big * 2.0**-660) * 2.0**660  # an exact power-of-two scaling of the reference
+    assert sv_err(acc.spectrum().singular_values, ref[:3]) < 1e-12
+    assert rel_err(acc.rankme(), np_rankme(ref.numpy())) < 1e-12
 
 
 @pytest.mark.parametrize("method", ("spectrum", "gram", "mean", "rankme"))

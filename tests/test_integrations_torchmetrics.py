@@ -185,7 +185,7 @@ def test_compute_then_keep_accumulating(z64):
 def test_state_is_the_gram_not_the_embeddings(z64):
     metric = feed(RankMe(), z64, (100,))
     state = metric.metric_state
-    assert set(state) == {"n_rows", "shift", "col_sum", "scatter"}
+    assert set(state) == {"n_rows", "shift", "col_sum", "scatter", "log2_scale"}
     assert state["scatter"].dtype == torch.float64 and state["scatter"].shape[0] >= D
     assert sum(t.numel() for t in state.values()) < 2 * (D + 8) ** 2  # independent of N = 900
     assert metric.full_state_update is False and metric.is_differentiable is False
@@ -199,7 +199,7 @@ def test_state_dict_round_trip_and_resume(z64, backend):
     torch.save(metric.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)  # plain tensors only: nothing unpickled
-    assert set(state) == {"n_rows", "shift", "col_sum", "scatter"}
+    assert set(state) == {"n_rows", "shift", "col_sum", "scatter", "log2_scale"}
     resumed = RankMe(backend=backend)  # another backend pads the buffer differently: re-padded on load
     resumed.load_state_dict(state)
     assert rel(resumed.compute(), np_rankme_convention(ref_sv(z64[:500]), "paper")) < TOL
@@ -221,6 +221,24 @@ def test_state_survives_module_checkpoint(z64):
     m2 = Model()
     m2.load_state_dict(sd)
     assert rel(m2.rankme.compute(), np_rankme_convention(ref_sv(z64[:300]), "paper")) < TOL
+
+
+@pytest.mark.parametrize("e", [-170, 170])
+def test_tiny_and_huge_float64_embeddings(z64, e):
+    """|z| ~ 1e∓170: squares leave float64's range, so the state is kept for z·2^k (exact). The value —
+    also after a checkpoint round trip, a device move and a merge — is that of the float64 SVD."""
+    z = z64 * 10.0**e
+    metric = feed(RankMe(), z[:600], (100,))
+    assert int(metric.log2_scale) != 0
+    want = np_rankme_convention(ref_sv(z64), "paper")  # RankMe is scale-invariant
+    resumed = RankMe()
+    resumed.load_state_dict(metric.state_dict())
+    other = feed(RankMe(), z[600:], (150,))
+    resumed.merge_state(other)
+    assert rel(resumed.compute(), want) < TOL
+    metric.to("cpu")
+    feed(metric, z[600:], (300,))
+    assert rel(metric.compute(), want) < TOL
 
 
 def test_clone_and_merge_state(z64):

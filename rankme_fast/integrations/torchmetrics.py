@@ -21,7 +21,8 @@ that budget (per process: under DDP each rank stops after ``max_rows`` rows, so 
 
 State layout (``metric_state`` / ``state_dict()``): ``n_rows`` (int64 scalar), ``shift`` and ``col_sum``
 (float64, d), ``scatter`` (float64, P×P with P ≥ d the kernel's padded size; the upper triangle of
-``scatter[:d, :d]`` holds Σ (z − s)(z − s)ᵀ). Before the first batch d is unknown and the vectors are
+``scatter[:d, :d]`` holds Σ (z − s)(z − s)ᵀ), ``log2_scale`` (int64: the states describe z·2^log2_scale,
+0 unless float64 embeddings lie beyond 2^±400, where squares would under- or overflow). Before the first batch d is unknown and the vectors are
 empty. Checkpoints load on any device and backend (the state is re-padded as needed).
 """
 from __future__ import annotations
@@ -101,16 +102,18 @@ class _GramMetric(Metric):
         self.add_state("shift", torch.zeros(0, dtype=F64), dist_reduce_fx=None, persistent=True)
         self.add_state("col_sum", torch.zeros(0, dtype=F64), dist_reduce_fx=None, persistent=True)
         self.add_state("scatter", torch.zeros(0, 0, dtype=F64), dist_reduce_fx=None, persistent=True)
+        # the states hold the rows z·2^log2_scale (0 unless float64 embeddings are tiny or huge, |z| beyond 2^±400)
+        self.add_state("log2_scale", torch.zeros((), dtype=torch.int64), dist_reduce_fx=None, persistent=True)
         self._acc: Optional[GramAccumulator] = None
         self._link: tuple = ()
         self.rows_skipped = 0  # rows offered after max_rows was reached (this process, since the last reset)
 
     # -- the accumulator behind the states ------------------------------------------------------
     def _states(self) -> tuple:
-        return (self.n_rows, self.shift, self.col_sum, self.scatter)
+        return (self.n_rows, self.shift, self.col_sum, self.scatter, self.log2_scale)
 
     def _linked(self) -> bool:
-        return self._acc is not None and len(self._link) == 4 and all(a is b for a, b in zip(self._link, self._states()))
+        return self._acc is not None and len(self._link) == 5 and all(a is b for a, b in zip(self._link, self._states()))
 
     def _adopt(self, acc: GramAccumulator) -> GramAccumulator:
         """Make ``acc``'s buffers the metric states."""
@@ -118,6 +121,7 @@ class _GramMetric(Metric):
         if acc._g is not None:
             self.shift, self.col_sum, self.scatter = acc._shift, acc._csum, acc._g
         self.n_rows = torch.tensor(acc.n_rows, dtype=torch.int64, device=self.shift.device)
+        self.log2_scale = torch.tensor(acc._log2_scale, dtype=torch.int64, device=self.shift.device)
         self._link = self._states()
         return acc
 
@@ -125,11 +129,14 @@ class _GramMetric(Metric):
         """A GramAccumulator on ``device`` holding ``states`` (this class's state layout), validated."""
         name = type(self).__name__
         n_rows, shift, col_sum, scatter = (states[k] for k in ("n_rows", "shift", "col_sum", "scatter"))
-        for key, t in (("n_rows", n_rows), ("shift", shift), ("col_sum", col_sum), ("scatter", scatter)):
+        log2_scale = states.get("log2_scale", torch.zeros((), dtype=torch.int64))  # absent in older checkpoints
+        for key, t in (("n_rows", n_rows), ("shift", shift), ("col_sum", col_sum), ("scatter", scatter),
+                       ("log2_scale", log2_scale)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: state {key!r} must be a tensor, got {type(t).__name__}")
-        if n_rows.numel() != 1 or n_rows.is_floating_point() or n_rows.is_complex():
-            raise ValueError(f"{name}: state 'n_rows' must be one integer, got {n_rows.dtype} {tuple(n_rows.shape)}")
+        for key, t in (("n_rows", n_rows), ("log2_scale", log2_scale)):
+            if t.numel() != 1 or t.is_floating_point() or t.is_complex():
+                raise ValueError(f"{name}: state {key!r} must be one integer, got {t.dtype} {tuple(t.shape)}")
         d = shift.numel()
         if shift.ndim != 1 or col_sum.shape != shift.shape or scatter.ndim != 2 or \
                 scatter.shape[0] != scatter.shape[1] or scatter.shape[0] < d or (d == 0 and scatter.numel()):
@@ -141,6 +148,8 @@ class _GramMetric(Metric):
         if d:
             sd.update(shift=shift.to(device), col_sum=col_sum.to(device),
                       gram=_sym_upper(scatter[:d, :d].to(device)))
+            if int(log2_scale):
+                sd["log2_scale"] = int(log2_scale)
         try:
             return acc.load_state_dict(sd)
         except ValueError as exc:
@@ -149,8 +158,8 @@ class _GramMetric(Metric):
     def _accumulator(self) -> GramAccumulator:
         if self._linked():
             return self._acc
-        return self._adopt(self._from_states(dict(zip(("n_rows", "shift", "col_sum", "scatter"), self._states())),
-                                             self.device))
+        return self._adopt(self._from_states(
+            dict(zip(("n_rows", "shift", "col_sum", "scatter", "log2_scale"), self._states())), self.device))
 
     # -- torchmetrics API ---------------------------------------------------------------------
     def _rows(self, z) -> torch.Tensor:
