@@ -146,6 +146,23 @@ def test_tiny_and_huge_in_memory(center):
 
 
 @pytest.mark.parametrize("center", (False, True), ids=("raw", "centred"))
+def test_tiny_and_huge_fast_precision(center):
+    """precision="fast" on float64 beyond 2^±400: the float32 chunks were scaled but their float64 sums
+    under/overflowed ("all-zero spectrum" at 1e-165); now an exact 2^k copy. Within the fast contract."""
+    import warnings  # noqa: PLC0415
+
+    base = _base()
+    for e in (160, 165, 170, -160, -165, -170):
+        x = base * 10.0**-e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the refinement-pass notice
+            s = rf.spectrum(x, center=center, precision="fast")
+        sv_ref, k, r_ref = _ref(x, center)
+        assert rel_err(s.rankme(), r_ref) < 1e-6, e
+        assert rel_err(float(s.singular_values[0]) * 2.0**(k // 2) * 2.0**(k - k // 2), float(sv_ref[0])) < 1e-6, e
+
+
+@pytest.mark.parametrize("center", (False, True), ids=("raw", "centred"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_and_huge_streamed(backend, center):
     backend_or_skip(backend)

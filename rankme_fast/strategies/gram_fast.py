@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from ..gram import eigvals_desc, fast_gram
+from ..gram import abs_max, eigvals_desc, fast_gram, ldexp, scale_exponent
 from ..spectrum import FAST_FLOOR, FAST_RANKME_RTOL, Spectrum
 from . import Cost, Strategy
 from ._common import dims, per_item, raise_if_nonfinite
@@ -45,9 +45,14 @@ def _fast(x: torch.Tensor, center: bool):
 def run(t, *, center, backend=None, rtol=None, **_):  # noqa: ARG001
     if t.ndim == 3:
         return per_item(run, t, center=center)
-    sv, be, notes = _fast(t, center)
+    # float64 beyond 2^±400: squares would leave float64's range (the float32 chunks are scaled, but the
+    # float64 sums are not); work on the exact copy t·2^k and scale σ back (other dtypes cannot get there)
+    k = scale_exponent(abs_max(t)) if t.dtype == torch.float64 else 0
+    sv, be, notes = _fast(ldexp(t, k) if k else t, center)
     if sv is None or not bool(torch.isfinite(sv).all()):
         raise_if_nonfinite(t)
+    if k:
+        sv = ldexp(sv, -k)
     used = "gram+refine" if notes else "gram"
     return Spectrum(sv, t.shape[0], t.shape[1], center, used, be, "fast", False, FAST_RANKME_RTOL, notes)
 
