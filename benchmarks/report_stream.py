@@ -40,7 +40,9 @@ def main(path: str) -> None:
               f"{sh['shard_vs_single_rel']:.2e}")
     rss = by.get("test_peak_rss")
     if rss:
-        for k in ("single", "shards4"):
+        for k in ("single", "shards4", "single_mapped_elsewhere"):
+            if k not in rss:  # runs before issue 14 measured two cases only
+                continue
             r = rss[k]
             print(f"- fresh process, {k}: peak RSS {r['peak_rss'] / 2**20:.0f} MiB (after `import rankme_fast`: "
                   f"{r['rss_after_import'] / 2**20:.0f} MiB), {r['seconds']:.2f} s, RankMe {r['rankme']:.12g}")

@@ -157,16 +157,29 @@ print(json.dumps({"rankme": res.metrics["rankme"], "seconds": dt, "peak_rss": vm
 
 
 def test_peak_rss(benchmark, files):
-    """Peak resident memory of scoring the 8 GiB file in a fresh process (page cache not counted)."""
+    """Peak resident memory of scoring the 8 GiB file in a fresh process (page cache not counted); and
+    of the single file again while this process holds every page of it mapped (issue 14: a reader
+    that maps the file would then count the shared pages it touched)."""
+    import mmap
+
     single, shard_dir = files
     benchmark.group = f"{N}x{D}-rss"
     out = {}
-    for name, src in (("single", single), ("shards4", shard_dir)):
+    for name, src in (("single", single), ("shards4", shard_dir), ("single_mapped_elsewhere", single)):
         _warm(src)
+        mm = None
+        if name == "single_mapped_elsewhere":
+            with open(src, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            np.frombuffer(mm, np.uint8)[::mmap.PAGESIZE].max()  # every page mapped and resident here
         # cwd outside the repository: `python -c` puts the cwd first on sys.path, and the source tree has
         # no compiled extension (it would silently measure the pure-torch fallback)
-        r = subprocess.run([sys.executable, "-c", CHILD, src], capture_output=True, text=True, check=True,
-                           cwd=tempfile.gettempdir())
+        try:
+            r = subprocess.run([sys.executable, "-c", CHILD, src], capture_output=True, text=True, check=True,
+                               cwd=tempfile.gettempdir())
+        finally:
+            if mm is not None:
+                mm.close()
         out[name] = json.loads(r.stdout.strip().splitlines()[-1])
         assert out[name]["backend"] == "cpu", out[name]
     benchmark.extra_info.update(out)

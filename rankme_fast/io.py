@@ -2,19 +2,31 @@
 
 Formats (each file holds one 2-D (N, d) float matrix; float16/32/64, bfloat16 where the format has it):
 
-``.npy``           memory-mapped; header parsed with ``allow_pickle`` never set (object arrays refused).
-``.safetensors``   memory-mapped; header parsed here (8-byte length, JSON), so bfloat16 needs no extra
-                   package; ``key`` picks the tensor when the file holds several 2-D float tensors.
-``.pt`` / ``.pth`` ``torch.load(weights_only=True, mmap=True)``: a tensor or a dict of tensors (``key``).
+``.npy``           read with ``os.preadv``; header parsed with ``allow_pickle`` never set (object arrays
+                   refused), at most 10000 bytes whatever the format version (numpy's bound).
+``.safetensors``   read with ``os.preadv``; header parsed here (8-byte length, JSON of at most 100 MiB,
+                   duplicate keys refused, every entry checked), so bfloat16 needs no extra package;
+                   ``key`` picks the tensor when the file holds several 2-D float tensors.
+``.pt`` / ``.pth`` ``torch.load(weights_only=True, mmap=True)``: a tensor or a dict of tensors (``key``);
+                   a contiguous tensor's rows are then read with ``os.preadv`` from its zip record.
 ``.h5`` / ``.hdf5`` with the ``h5py`` extra; ``.zarr`` (a directory store) with the ``zarr`` extra.
 
 A *source* is a path, a directory of shards, a glob pattern, or a list of those; shards are read in
 natural order (``part_2`` before ``part_10``) and must agree on d and dtype. Every error names the file.
 
-Memory: chunks are copied out of the mapping by a prefetch thread (so disk reads overlap the Gram
-kernel) and the consumed pages are released with ``madvise(MADV_DONTNEED)``; resident memory stays at a
-few chunks plus the d×d state however large the file. ``.pt`` pages are mapped by torch and released by
-the OS under memory pressure only.
+Only regular files are opened (a FIFO, device or socket named ``x.npy`` would block ``open()`` forever).
+Sources whose bytes cannot be the matrix are refused, not read as zeros: HDF5 chunks or Zarr chunks
+never written, a contiguous HDF5 dataset with no storage, a ``.pt`` tensor whose strides repeat memory
+(``x.expand(10**12, 8)``), sparse, meta and nested tensors.
+
+Memory: ``.npy`` and ``.safetensors`` chunks are read by a prefetch thread (so disk reads overlap the
+Gram kernel) with ``os.preadv`` into a few buffers reused once nothing references them; nothing is
+memory-mapped, so a file truncated or rewritten while it is read is an error naming it (a short read),
+never a SIGBUS, and resident memory stays at a few chunks plus the d×d state however large the file,
+whoever else maps it. ``.pt``: the same for contiguous tensors of zip-format files (torch's mapping is
+dropped once the record's offset is known); a non-contiguous tensor is copied chunk by chunk from
+torch's mapping (a SIGBUS remains possible if that file is cut while read), a legacy-format file is
+loaded into memory.
 """
 from __future__ import annotations
 
@@ -22,11 +34,12 @@ import ast
 import glob as _glob
 import json
 import math
-import mmap
 import os
 import queue
 import re
+import stat
 import struct
+import sys
 import threading
 import warnings
 from typing import Iterator, List, Optional, Sequence, Union
@@ -42,7 +55,8 @@ ZARR_EXT = (".zarr",)
 SUPPORTED_EXT = NPY_EXT + SAFETENSORS_EXT + PT_EXT + HDF5_EXT + ZARR_EXT
 CHUNK_BYTES = 64 << 20  # input bytes per chunk: amortises the per-call cost of the kernel (its private
 # per-thread Gram copies are zeroed and reduced once per call), small enough for a bounded RSS
-PAGE = mmap.PAGESIZE
+NPY_MAX_HEADER = getattr(np.lib.format, "_MAX_HEADER_SIZE", 10000)  # numpy's bound on v1/v2 headers
+ST_MAX_HEADER = 100_000_000  # the safetensors library's bound on its JSON header
 
 _NP_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
               np.dtype(np.float64): torch.float64}
@@ -59,6 +73,82 @@ def _natural_key(s: str):
 def _is_zarr_dir(p: str) -> bool:
     return os.path.isdir(p) and (p.rstrip("/").endswith(".zarr") or any(
         os.path.exists(os.path.join(p, m)) for m in ("zarr.json", ".zarray", ".zgroup")))
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def _not_regular(path: str, mode: int) -> ValueError:
+    kind = next((k for f, k in _KINDS if f(mode)), "not a regular file")
+    return ValueError(f"{path}: is {kind}, not a regular file; refusing to open it (reading it could block "
+                      "forever or never end)")
+
+
+def _stat_regular(path: str) -> os.stat_result:
+    """``os.stat`` of a path that must be a regular file (symlinks followed), before anything opens it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    return st
+
+
+def _open_regular(path: str) -> int:
+    """A read-only descriptor of a regular file. O_NONBLOCK makes ``open`` of a FIFO that replaced the
+    file since it was checked return at once (it has no effect on regular files); fstat then refuses it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    return fd
+
+
+def _check_store_tree(root: str) -> None:
+    """Every entry of a directory store (Zarr) is a regular file or a directory: a FIFO chunk would
+    block the read forever, a symlink loop fails deep inside the library without naming the store."""
+    seen = set()
+    todo = [root]
+    while todo:
+        top = todo.pop()
+        try:
+            st = os.stat(top)
+        except OSError as exc:
+            raise ValueError(f"{root}: entry {top} cannot be read ({exc.strerror or exc})") from None
+        if (st.st_dev, st.st_ino) in seen:
+            raise ValueError(f"{root}: entry {top} is a directory seen before (a symlink loop)")
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = list(os.scandir(top))
+        except OSError as exc:
+            raise ValueError(f"{root}: entry {top} cannot be listed ({exc.strerror or exc})") from None
+        for e in entries:
+            try:
+                if e.is_dir():  # follows symlinks
+                    todo.append(e.path)
+                    continue
+                if e.is_file():
+                    continue
+                mode = os.stat(e.path).st_mode
+            except OSError as exc:
+                raise ValueError(f"{root}: entry {e.path} cannot be read ({exc.strerror or exc})") from None
+            raise ValueError(f"{root}: entry {e.path} is {next((k for f, k in _KINDS if f(mode)), 'not a regular file')}"
+                             ", not a regular file; refusing to read the store")
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _short(v, n: int = 120) -> str:
+    """repr(v), clipped: a corrupt header may hold a list of millions of items."""
+    return _clip(repr(v), n)
 
 
 class Reader:
@@ -120,11 +210,42 @@ def _float_dtype_or_raise(path: str, dt: np.dtype, what: str = "") -> torch.dtyp
     raise TypeError(f"{path}: {what}unsupported dtype {dt}; use float16, float32, float64 (or bfloat16 in .safetensors)")
 
 
-class _MappedReader(Reader):
-    """Shared machinery of the formats whose payload is a plain array at a byte offset of the file."""
+_tls = threading.local()  # the prefetch thread's buffer pool (see iter_chunks)
 
-    _mm = None
-    _arr = None
+
+class _BufferPool:
+    """Chunk buffers of one ``iter_chunks`` run. A buffer is handed out again only when nothing but the
+    pool references it (the consumer dropped every tensor viewing it), so a chunk that is kept stays
+    valid; otherwise a new buffer is made. Holding at most ``cap`` buffers bounds resident memory."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.bufs: List[np.ndarray] = []
+
+    def get(self, nbytes: int) -> np.ndarray:
+        for i in range(len(self.bufs)):
+            # references: the list, and getrefcount's argument; any tensor/view of it adds one
+            if sys.getrefcount(self.bufs[i]) == 2 and self.bufs[i].nbytes >= nbytes:
+                return self.bufs[i][:nbytes]
+        buf = np.empty(nbytes, dtype=np.uint8)
+        if len(self.bufs) < self.cap:
+            self.bufs.append(buf)
+        elif self.bufs:  # replace an idle buffer that was too small, if any
+            for i in range(len(self.bufs)):
+                if sys.getrefcount(self.bufs[i]) == 2:
+                    self.bufs[i] = buf
+                    break
+        return buf
+
+
+class _RawReader(Reader):
+    """Shared machinery of the formats whose payload is a plain array at a byte offset of the file.
+
+    Rows are read with ``os.preadv`` into buffers (no mapping): a file that shrinks while it is read gives
+    a short read, reported as an error naming the file, where a mapping would kill the process with
+    SIGBUS. Pages read stay in the page cache only, so resident memory does not grow with the file."""
+
+    _fd: Optional[int] = None
 
     def _layout(self, offset: int, np_dtype: np.dtype, fortran: bool, file_size: int) -> None:
         self._np_dtype = np_dtype
@@ -135,79 +256,64 @@ class _MappedReader(Reader):
                              f"{np_dtype} ({need} bytes from offset {offset}) but the file has {file_size} bytes")
         self._offset = offset
         self._need = need
-        self._zero_copy = not fortran and np_dtype.byteorder in ("=", "|", "<" if np.little_endian else ">")
+        self._native = np_dtype.byteorder in ("=", "|", "<" if np.little_endian else ">")
 
     def _open(self) -> None:
-        if not self._need:
-            return
-        with open(self.path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size < self._offset + self._need:
-                raise ValueError(f"{self.path}: truncated since it was opened (now "
-                                 f"{os.fstat(fh.fileno()).st_size} bytes, need {self._offset + self._need})")
-            # ACCESS_COPY (MAP_PRIVATE) gives a writable view that torch.from_numpy accepts without a
-            # warning; nothing is ever written, so the pages stay shared with the page cache.
-            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        # frombuffer holds an export of the mapping, so it cannot be unmapped while any chunk view is
-        # alive (close() then leaves the unmapping to the garbage collector).
-        self._arr = np.frombuffer(self._mm, dtype=self._np_dtype, count=self.n_rows * self.n_features,
-                                  offset=self._offset).reshape((self.n_rows, self.n_features),
-                                                               order="F" if self._fortran else "C")
-        if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
-            self._mm.madvise(mmap.MADV_SEQUENTIAL)  # larger readahead on page faults
+        fd = _open_regular(self.path)
+        try:
+            size = os.fstat(fd).st_size
+            if size < self._offset + self._need:
+                raise ValueError(f"{self.path}: truncated since it was opened (now {size} bytes, need "
+                                 f"{self._offset + self._need})")
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
-    def _advise(self, advice_name: str, r0: int, r1: int) -> None:
-        """madvise the mapped pages of rows [r0, r1): MADV_WILLNEED starts asynchronous reads of the
-        whole chunk (range rounded outwards); MADV_DONTNEED drops consumed pages from this process
-        (rounded inwards, so a page shared with the next chunk stays; dropped pages stay in the page
-        cache), which keeps resident memory independent of the file size."""
-        advice = getattr(mmap, advice_name, None)
-        if self._mm is None or advice is None or not hasattr(self._mm, "madvise"):
-            return
-        isz = self._np_dtype.itemsize
-        if self._fortran:
-            spans = [(self._offset + (j * self.n_rows + r0) * isz, self._offset + (j * self.n_rows + r1) * isz)
-                     for j in range(self.n_features)]
-        else:
-            spans = [(self._offset + r0 * self.n_features * isz, self._offset + r1 * self.n_features * isz)]
-        inward = advice_name == "MADV_DONTNEED"
-        for a, b in spans:
-            if inward:
-                a, b = -(-a // PAGE) * PAGE, b // PAGE * PAGE
-            else:
-                a, b = a // PAGE * PAGE, -(-b // PAGE) * PAGE
-            b = min(b, len(self._mm))
-            if b > a:
-                self._mm.madvise(advice, a, b - a)
+    def _pread(self, buf: np.ndarray, off: int, r0: int, r1: int) -> None:
+        view = memoryview(buf).cast("B")
+        pos = 0
+        while pos < len(view):
+            try:
+                n = os.preadv(self._fd, [view[pos:]], off + pos)
+            except OSError as exc:
+                raise ValueError(f"{self.path}: {self.what}rows {r0}..{r1} unreadable ({exc.strerror or exc})") from None
+            if n == 0:
+                size = os.fstat(self._fd).st_size
+                raise ValueError(f"{self.path}: truncated while being read: rows {r0}..{r1} need bytes up to "
+                                 f"{off + len(view)} but the file now has {size} bytes (rewritten or cut "
+                                 "by another process?)")
+            pos += n
 
     def _read(self, r0: int, r1: int) -> torch.Tensor:
-        if self._zero_copy:
-            # The Gram kernel reads the mapping directly; this (prefetch) thread only makes sure the
-            # pages are resident, so the kernel never waits for the disk and no copy is made.
-            self._advise("MADV_WILLNEED", r0, r1)
-            row_bytes = self.n_features * self._np_dtype.itemsize
-            a = (self._offset + r0 * row_bytes) // PAGE * PAGE
-            b = self._offset + r1 * row_bytes
-            np.frombuffer(self._mm, dtype=np.uint8, count=b - a, offset=a)[::PAGE].max()  # one byte per page
-            t = torch.from_numpy(self._arr[r0:r1])
-        else:  # Fortran order or foreign byte order: copy (and convert) here, in the prefetch thread
-            out = np.empty((r1 - r0, self.n_features), dtype=self._np_dtype.newbyteorder("="))
-            out[...] = self._arr[r0:r1]
-            self._advise("MADV_DONTNEED", r0, r1)
-            t = torch.from_numpy(out)
+        m, d, dt = r1 - r0, self.n_features, self._np_dtype
+        nbytes = m * d * dt.itemsize
+        pool = getattr(_tls, "pool", None)
+        buf = pool.get(nbytes) if pool is not None else np.empty(nbytes, dtype=np.uint8)
+        if self._fortran:  # column j of rows [r0, r1) is one contiguous span
+            cols = buf.view(dt).reshape(d, m)
+            for j in range(d):
+                self._pread(cols[j], self._offset + (j * self.n_rows + r0) * dt.itemsize, r0, r1)
+            out = np.empty((m, d), dtype=dt.newbyteorder("="))
+            out[...] = cols.T
+        else:
+            off = self._offset + r0 * d * dt.itemsize
+            self._pread(buf, off, r0, r1)
+            if r1 < self.n_rows and hasattr(os, "posix_fadvise"):  # start reading the next chunk from disk
+                os.posix_fadvise(self._fd, off + nbytes, min(nbytes, self._offset + self._need - off - nbytes),
+                                 os.POSIX_FADV_WILLNEED)
+            out = buf.view(dt).reshape(m, d)
+            if not self._native:
+                out = out.byteswap(inplace=True).view(dt.newbyteorder("="))
+        t = torch.from_numpy(out)
         return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
 
-    def done(self, r0: int, r1: int) -> None:
-        if self._zero_copy:
-            self._advise("MADV_DONTNEED", r0, r1)
-
     def _release(self) -> None:
-        self._arr = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:  # a chunk is still alive somewhere: unmapped when the last one dies
-                pass
-            self._mm = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _read_npy_header(fh, path: str):
@@ -222,21 +328,24 @@ def _read_npy_header(fh, path: str):
             return np.lib.format.read_array_header_2_0(fh)
         if version == (3, 0):  # 2.0 layout with a UTF-8 header; numpy has no public reader for it
             (hlen,) = struct.unpack("<I", fh.read(4))
+            if hlen > NPY_MAX_HEADER:  # the bound numpy applies to v1/v2 headers, before parsing anything
+                raise ValueError(f"header of {hlen} bytes exceeds the {NPY_MAX_HEADER}-byte limit")
             d = ast.literal_eval(fh.read(hlen).decode("utf-8"))
             if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
                 raise ValueError(f"header is not a dict with keys descr, fortran_order, shape: {d!r}")
             if not isinstance(d["shape"], tuple) or not isinstance(d["fortran_order"], bool):
                 raise ValueError(f"bad shape or fortran_order in {d!r}")
             return d["shape"], d["fortran_order"], np.lib.format.descr_to_dtype(d["descr"])
-    except (ValueError, SyntaxError, EOFError, TypeError, struct.error, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: corrupt .npy header ({exc})") from None
+    except (ValueError, SyntaxError, EOFError, TypeError, struct.error, UnicodeDecodeError, RecursionError,
+            MemoryError) as exc:
+        raise ValueError(f"{path}: corrupt .npy header ({type(exc).__name__}: {_clip(str(exc), 300)})") from None
     raise ValueError(f"{path}: unsupported .npy format version {version[0]}.{version[1]}")
 
 
-class NpyReader(_MappedReader):
+class NpyReader(_RawReader):
     def __init__(self, path: str):
         self.path = path
-        with open(path, "rb") as fh:
+        with open(_open_regular(path), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             shape, fortran, dt = _read_npy_header(fh, path)
             self.dtype = _float_dtype_or_raise(path, dt)
@@ -248,35 +357,62 @@ class NpyReader(_MappedReader):
                           "describes are ignored (an overwritten header?)", UserWarning, stacklevel=4)
 
 
-class SafetensorsReader(_MappedReader):
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"duplicate key {_short(k)}")
+        out[k] = v
+    return out
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+class SafetensorsReader(_RawReader):
+    """The header is checked as the ``safetensors`` library checks it: a JSON object of at most 100 MB
+    without duplicate keys, ``__metadata__`` a str -> str map, every other entry a dict with a string
+    ``dtype``, a ``shape`` list and two ``data_offsets`` of non-negative integers (begin <= end)."""
+
     def __init__(self, path: str, key: Optional[str] = None):
         self.path = path
-        with open(path, "rb") as fh:
+        with open(_open_regular(path), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
                 raise ValueError(f"{path}: not a .safetensors file (only {size} bytes)")
             (hlen,) = struct.unpack("<Q", head)
-            if hlen > min(size - 8, 100 << 20):
+            if hlen > min(size - 8, ST_MAX_HEADER):
                 raise ValueError(f"{path}: corrupt or truncated .safetensors file (header length {hlen} bytes, "
-                                 f"file {size} bytes)")
+                                 f"file {size} bytes, limit {ST_MAX_HEADER})")
             try:
-                header = json.loads(fh.read(hlen).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{path}: corrupt .safetensors header ({exc})") from None
+                # nesting is bounded by the interpreter's recursion limit (RecursionError, caught here);
+                # a valid header nests 3 deep
+                header = json.loads(fh.read(hlen).decode("utf-8"), object_pairs_hook=_no_duplicates)
+            except _DuplicateKey as exc:
+                raise ValueError(f"{path}: corrupt .safetensors header ({exc}; the safetensors library "
+                                 "refuses it, and which tensor is meant is ambiguous)") from None
+            except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError; an int of > 4300 digits
+                raise ValueError(f"{path}: corrupt .safetensors header ({_clip(str(exc), 200)})") from None
+            except RecursionError:
+                raise ValueError(f"{path}: corrupt .safetensors header (JSON nested too deeply)") from None
         if not isinstance(header, dict):
             raise ValueError(f"{path}: corrupt .safetensors header (not a JSON object)")
+        meta_ = header.get("__metadata__", {})
+        if not isinstance(meta_, dict) or not all(isinstance(v, str) for v in meta_.values()):
+            raise ValueError(f"{path}: corrupt .safetensors header (__metadata__ must map strings to strings, "
+                             f"got {_short(meta_)})")
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        for name, meta in entries.items():
+            self._check_entry(name, meta)
         name = self._pick(entries, key)
         meta = entries[name]
-        try:
-            st_dtype, shape, (b, e) = meta["dtype"], list(meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: {meta!r}") from None
-        ints = [v for v in [b, e, *shape] if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
-        if len(ints) != 2 + len(shape) or not b <= e:
-            raise ValueError(f"{path}: corrupt .safetensors entry {name!r}: shape {shape} and data_offsets "
-                             f"{[b, e]} must be non-negative integers with begin <= end")
+        st_dtype, shape, (b, e) = meta["dtype"], meta["shape"], meta["data_offsets"]
         self.what = f"tensor {name!r} "
         if st_dtype not in _ST_DTYPES:
             raise TypeError(f"{path}: tensor {name!r} has dtype {st_dtype}; use F16, BF16, F32 or F64")
@@ -288,18 +424,30 @@ class SafetensorsReader(_MappedReader):
         self._layout(8 + hlen + b, np_dt, False, size)
         self.key = name
 
+    def _check_entry(self, name: str, meta) -> None:
+        bad = f"{self.path}: corrupt .safetensors entry {_short(name)}: "
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+            raise ValueError(bad + f"expected an object with dtype, shape and data_offsets, got {_short(meta)}")
+        if not isinstance(meta["dtype"], str):
+            raise ValueError(bad + f"dtype must be a string, got {_short(meta['dtype'])}")
+        shape, offs = meta["shape"], meta["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(v) for v in shape):
+            raise ValueError(bad + f"shape must be a list of non-negative integers, got {_short(shape)}")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_count(v) for v in offs) or offs[0] > offs[1]:
+            raise ValueError(bad + f"shape {_short(shape)} and data_offsets {_short(offs)} must be non-negative "
+                             "integers with begin <= end")
+
     def _pick(self, entries: dict, key: Optional[str]) -> str:
         if key is not None:
             if key not in entries:
                 raise ValueError(f"{self.path}: no tensor named {key!r}; it holds {sorted(entries)}")
             return key
-        cands = [k for k, v in entries.items() if isinstance(v, dict) and len(v.get("shape", ())) == 2
-                 and v.get("dtype") in _ST_DTYPES]
+        cands = [k for k, v in entries.items() if len(v["shape"]) == 2 and v["dtype"] in _ST_DTYPES]
         if len(cands) == 1:
             return cands[0]
         if not cands:
             raise ValueError(f"{self.path}: no 2-D float tensor found (tensors: "
-                             f"{ {k: (v.get('dtype'), v.get('shape')) for k, v in entries.items() if isinstance(v, dict)} })")
+                             f"{ {k: (v['dtype'], v['shape']) for k, v in entries.items()} })")
         raise ValueError(f"{self.path}: holds several 2-D float tensors {sorted(cands)}; choose one with key=")
 
 
@@ -316,16 +464,54 @@ def _pick_from_mapping(path: str, items: dict, key: Optional[str], kind: str):
     raise ValueError(f"{path}: holds several 2-D {kind}s {sorted(cands)}; choose one with key=")
 
 
-class PtReader(Reader):
+class PtReader(_RawReader):
+    """``torch.load(weights_only=True, mmap=True)`` parses the file and checks the tensor; the rows of a
+    contiguous tensor (a zip-format file stores it as one uncompressed record) are then read with
+    ``os.preadv`` from its offset in the file, and torch's mapping is dropped, so a file that shrinks
+    while it is read is an error, not a SIGBUS. Other layouts (and the legacy format, loaded into
+    memory) are copied from the tensor torch returns."""
+
+    _t = None
+
     def __init__(self, path: str, key: Optional[str] = None):
         self.path = path
         self._key = key
         t = self._load()
+        self._check_tensor(t)
         if t.is_complex() or not t.is_floating_point() or t.dtype not in (torch.float64, torch.float32,
                                                                              torch.float16, torch.bfloat16):
             raise TypeError(f"{path}: {self.what}has dtype {t.dtype}; use float16/32/64 or bfloat16")
         self.dtype = t.dtype
         self._check_shape(t.shape)
+        self._check_strides(t)
+
+    def _check_tensor(self, t: torch.Tensor) -> None:
+        """Only a dense CPU tensor holds the matrix: refuse nested (no shape), sparse/quantized layouts and
+        meta tensors (no data was saved) before any of them reaches shape checks or slicing."""
+        bad = f"{self.path}: {self.what}"
+        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            raise ValueError(bad + f"is a {type(t).__name__} (a tensor subclass); save a plain tensor")
+        if t.is_nested:
+            raise ValueError(bad + "is a nested tensor; save a dense (rows, features) tensor")
+        if t.layout != torch.strided:
+            raise ValueError(bad + f"has layout {t.layout}; save a dense tensor (x.to_dense())")
+        if t.is_quantized:
+            raise TypeError(bad + f"is quantized ({t.dtype}); save float16/32/64 or bfloat16")
+        if t.device.type != "cpu":
+            raise ValueError(bad + f"is on device {t.device.type!r} (a meta tensor holds no data); save the "
+                             "values")
+
+    def _check_strides(self, t: torch.Tensor) -> None:
+        """A view whose strides repeat memory (``x.expand(10**12, 8)`` is saved as stride 0) describes far
+        more rows than the file holds: it is not data, refuse it rather than stream it."""
+        sizes, strides = list(t.shape), list(t.stride())
+        dims = sorted((st, sz) for sz, st in zip(sizes, strides) if sz > 1)
+        overlap = any(st == 0 for st, _ in dims) or (len(dims) == 2 and dims[1][0] < dims[0][0] * dims[0][1])
+        if overlap:
+            raise ValueError(f"{self.path}: {self.what}is a view with strides {tuple(strides)} for shape "
+                             f"{tuple(sizes)} that repeats the same memory (e.g. x.expand(...)): its "
+                             f"{t.untyped_storage().nbytes()} stored bytes are not {t.numel()} values; save "
+                             "x.contiguous() or x.clone()")
 
     def _load(self) -> torch.Tensor:
         import pickle
@@ -346,7 +532,8 @@ class PtReader(Reader):
                        lines[0] if lines else type(exc).__name__)
             raise ValueError(f"{path}: holds pickled Python objects that weights_only loading refuses "
                              f"({why}); save plain tensors (torch.save(tensor) or a dict of tensors)") from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError,
+                AttributeError, IndexError, RecursionError, MemoryError, struct.error) as exc:
             raise ValueError(f"{path}: corrupt or truncated .pt file ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         if isinstance(obj, dict):
@@ -361,16 +548,78 @@ class PtReader(Reader):
         raise ValueError(f"{path}: holds a {type(obj).__name__}; expected a tensor or a dict of tensors")
 
     def _open(self) -> None:
+        _stat_regular(self.path)
         t = self._load()
+        self._check_tensor(t)
         if t.dtype != self.dtype or tuple(t.shape) != (self.n_rows, self.n_features):
             raise ValueError(f"{self.path}: changed since it was opened")
-        self._t = t
+        self._check_strides(t)
+        fd = _open_regular(self.path)
+        try:
+            use = t.is_contiguous() and t.numel() and sys.byteorder == "little"  # zip records are little-endian
+            off = self._file_offset(t, os.fstat(fd)) if use else None
+        except BaseException:
+            os.close(fd)
+            raise
+        if off is None:
+            os.close(fd)
+            self._t = t
+            return
+        isz = t.element_size()
+        self._fd, self._t = fd, None  # drops torch's mapping of the file
+        self._np_dtype = np.dtype(f"<u{isz}") if self.dtype == torch.bfloat16 else np.dtype(
+            {torch.float16: "<f2", torch.float32: "<f4", torch.float64: "<f8"}[self.dtype])
+        self._offset = off + t.storage_offset() * isz
+        self._need = t.numel() * isz
+        self._fortran, self._native = False, True
+
+    def _file_offset(self, t: torch.Tensor, st: os.stat_result) -> Optional[int]:
+        """Offset in the file of the storage that torch mapped: the mapping holding its first byte
+        (``/proc/self/maps``: same device and inode as the file opened for reading), confirmed to be the
+        start of an uncompressed zip record at least as long as the storage. None where unknown."""
+        ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        try:
+            with open("/proc/self/maps") as fh:
+                maps = fh.read().splitlines()
+        except OSError:
+            return None
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+        off = None
+        for line in maps:
+            parts = line.split(None, 5)
+            if len(parts) < 6 or parts[4] != str(st.st_ino) or parts[3] != dev:
+                continue
+            a, b = (int(v, 16) for v in parts[0].split("-"))
+            if a <= ptr < b:
+                off = ptr - a + int(parts[2], 16)
+                break
+        if off is None:
+            return None
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(self.path) as zf, open(self.path, "rb") as fh:
+                for zi in zf.infolist():
+                    if zi.compress_type != zipfile.ZIP_STORED or zi.file_size < nbytes:
+                        continue
+                    fh.seek(zi.header_offset)
+                    h = fh.read(30)
+                    if len(h) == 30 and h[:4] == b"PK\x03\x04":
+                        n, m = struct.unpack("<HH", h[26:30])
+                        if zi.header_offset + 30 + n + m == off:
+                            return off
+        except (OSError, zipfile.BadZipFile, ValueError):
+            return None
+        return None
 
     def _read(self, r0: int, r1: int) -> torch.Tensor:
+        if self._fd is not None:
+            return super()._read(r0, r1)
         return self._t[r0:r1].clone(memory_format=torch.contiguous_format)
 
     def _release(self) -> None:
         self._t = None
+        super()._release()
 
 
 def _h5py():
@@ -389,24 +638,72 @@ class Hdf5Reader(Reader):
         f = self._file()
         try:
             sets = {}
-            f.visititems(lambda n, o: sets.__setitem__(n, o) if isinstance(o, _h5py().Dataset) else None)
+            try:
+                f.visititems(lambda n, o: sets.__setitem__(n, o) if isinstance(o, _h5py().Dataset) else None)
+            except (RuntimeError, OSError, KeyError, ValueError, TypeError) as exc:
+                raise ValueError(f"{path}: corrupt HDF5 file: cannot list its datasets "
+                                 f"({type(exc).__name__}: {_clip(str(exc), 300)})") from None
             self._name = _pick_from_mapping(path, sets, key, "dataset")
             ds = sets[self._name]
             self.what = f"dataset {self._name!r} "
-            self.dtype = _float_dtype_or_raise(path, ds.dtype, self.what)
-            self._check_shape(ds.shape)
+            try:
+                dt, shape = ds.dtype, ds.shape
+            except (RuntimeError, OSError, KeyError, ValueError, TypeError) as exc:
+                raise ValueError(f"{path}: {self.what}corrupt header ({type(exc).__name__}: {exc})") from None
+            self.dtype = _float_dtype_or_raise(path, dt, self.what)
+            self._check_shape(shape)
+            self._check_written(ds)
         finally:
             f.close()
 
+    def _check_written(self, ds) -> None:
+        """Rows that were never written read as the fill value; they are not data. Chunked datasets: every
+        chunk must be allocated; contiguous ones: the storage must exist. (A contiguous dataset gets all
+        its storage on the first write, so a partly written one cannot be told from zeros.)"""
+        n, d = self.n_rows, self.n_features
+        if n == 0:
+            return
+        try:
+            if ds.is_virtual:
+                return  # storage lives in other files, checked by HDF5 when read
+            if ds.chunks is None:
+                if ds.id.get_storage_size() == 0 and ds.id.get_offset() is None and ds.external is None:
+                    raise ValueError(f"{self.path}: {self.what}rows 0..{n} were never written (no storage "
+                                     "allocated); they would read as the fill value")
+                return
+            c0, c1 = ds.chunks
+            per_row, nrb = -(-d // c1), -(-n // c0)
+            want, got = nrb * per_row, ds.id.get_num_chunks()
+            if got >= want:
+                return
+            have: dict = {}
+            if hasattr(ds.id, "chunk_iter"):
+                ds.id.chunk_iter(lambda info: have.__setitem__(info.chunk_offset[0] // c0,
+                                                              have.get(info.chunk_offset[0] // c0, 0) + 1))
+            else:  # pragma: no cover - HDF5 < 1.12.3
+                for i in range(got):
+                    rb = ds.id.get_chunk_info(i).chunk_offset[0] // c0
+                    have[rb] = have.get(rb, 0) + 1
+        except (RuntimeError, OSError, KeyError, TypeError) as exc:
+            raise ValueError(f"{self.path}: {self.what}corrupt chunk index ({type(exc).__name__}: {exc})") from None
+        rb = next(i for i in range(nrb) if have.get(i, 0) < per_row)
+        raise ValueError(f"{self.path}: {self.what}{want - got} of its {want} chunks were never written (first "
+                         f"missing: rows {rb * c0}..{min(n, (rb + 1) * c0)}); unwritten rows would read as the "
+                         "fill value, not data")
+
     def _file(self):
+        _stat_regular(self.path)
         try:
             return _h5py().File(self.path, "r")
-        except OSError as exc:
+        except (OSError, RuntimeError, ValueError) as exc:
             raise ValueError(f"{self.path}: not a readable HDF5 file ({exc})") from None
 
     def _open(self) -> None:
         self._f = self._file()
-        self._ds = self._f[self._name]
+        try:
+            self._ds = self._f[self._name]
+        except (KeyError, RuntimeError, OSError) as exc:
+            raise ValueError(f"{self.path}: {self.what}changed since it was opened ({exc})") from None
 
     def _read(self, r0: int, r1: int) -> torch.Tensor:
         try:
@@ -443,10 +740,52 @@ class ZarrReader(Reader):
         arr = self._array()
         self.dtype = _float_dtype_or_raise(path, np.dtype(arr.dtype), self.what)
         self._check_shape(arr.shape)
+        self._check_written(arr)
+
+    def _check_written(self, arr) -> None:
+        """A missing chunk reads as the fill value: refuse it (zarr 3 also skips writing a chunk that
+        equals the fill value everywhere unless ``write_empty_chunks=True``). Chunk files are looked up in
+        order and the search stops at the first missing one, so an empty store of 10^12 rows is refused
+        at once; a complete one costs one ``stat`` per chunk (per shard for sharded arrays)."""
+        if self.n_rows == 0:
+            return
+        enc = getattr(getattr(arr, "metadata", None), "encode_chunk_key", None)
+        if enc is None:  # pragma: no cover - zarr 2: count through the library (lists every key)
+            try:
+                want, got = int(arr.nchunks), int(arr.nchunks_initialized)
+            except Exception as exc:  # noqa: BLE001 - zarr raises many types for a bad store
+                raise ValueError(f"{self.path}: {self.what}cannot count its chunks ({type(exc).__name__}: {exc})") from None
+            if got < want:
+                raise ValueError(f"{self.path}: {self.what}{want - got} of its {want} chunks were never written; "
+                                 "missing chunks would read as the fill value, not data")
+            return
+        self._chunk_grid = (enc, getattr(arr, "shards", None) or arr.chunks,
+                            os.path.join(self.path, *[p for p in str(getattr(arr, "path", "") or "").split("/") if p]))
+        self._check_chunks(0, self.n_rows)
+
+    _chunk_grid = None
+
+    def _check_chunks(self, r0: int, r1: int) -> None:
+        """Every chunk file holding rows [r0, r1) exists (checked again before each read: a chunk deleted
+        meanwhile would otherwise read as fill values)."""
+        if self._chunk_grid is None:
+            return
+        enc, (c0, c1), base = self._chunk_grid
+        n_rb, n_cb = -(-self.n_rows // c0), -(-self.n_features // c1)
+        for rb in range(r0 // c0, -(-r1 // c0)):
+            for cb in range(n_cb):
+                key = enc((rb, cb))
+                if not os.path.isfile(os.path.join(base, *key.split("/"))):
+                    raise ValueError(
+                        f"{self.path}: {self.what}chunk {key!r} (rows {rb * c0}..{min(self.n_rows, (rb + 1) * c0)}) "
+                        f"of its {n_rb * n_cb} chunks is missing (never written, or deleted); a missing chunk would "
+                        "read as the fill value, not data (write it, or create the array with "
+                        "write_empty_chunks=True if it is all fill value)")
 
     def _array(self):
         import zarr
 
+        _check_store_tree(self.path)
         try:
             obj = zarr.open(self.path, mode="r")
         except Exception as exc:  # noqa: BLE001 - zarr raises many types for a bad store
@@ -464,6 +803,7 @@ class ZarrReader(Reader):
         self._arr = self._array()
 
     def _read(self, r0: int, r1: int) -> torch.Tensor:
+        self._check_chunks(r0, r1)
         try:
             a = np.asarray(self._arr[r0:r1])
         except Exception as exc:  # noqa: BLE001
@@ -478,11 +818,14 @@ def open_reader(path: str, key: Optional[str] = None) -> Reader:
     """The reader for one file, chosen by its extension; validates the header (not the data)."""
     low = path.lower().rstrip("/")
     if not os.path.exists(path):
+        if os.path.lexists(path):
+            _stat_regular(path)  # a dangling symlink or a symlink loop: says which
         raise ValueError(f"{path}: no such file or directory")
     if low.endswith(ZARR_EXT) or _is_zarr_dir(path):
         return ZarrReader(path, key)
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory")
+    _stat_regular(path)  # before anything opens it: open() of a FIFO blocks until a writer appears
     try:
         if low.endswith(NPY_EXT):
             if key is not None:
@@ -531,6 +874,8 @@ def expand(source: Source) -> List[str]:
                               f"{other[:5]}{' ...' if len(other) > 5 else ''}", UserWarning, stacklevel=3)
             files.extend(os.path.join(p, n) for n in keep)
         elif not os.path.exists(p):
+            if os.path.lexists(p):
+                _stat_regular(p)  # a dangling symlink or a symlink loop: says which
             raise ValueError(f"{p}: no such file or directory")
         else:
             files.append(p)
@@ -595,6 +940,7 @@ def iter_chunks(readers: Sequence[Reader], chunk_rows: int, max_rows: Optional[i
         return False
 
     def work():
+        _tls.pool = _BufferPool(cap=max(1, prefetch) + 2)  # queued + being read + being consumed
         try:
             for r, r0, r1 in plan:
                 if stop.is_set() or not put((r, r0, r.read(r0, r1))):
