@@ -10,13 +10,30 @@
 
 Importing loads no native code; the C++ kernel is loaded on first use (see ``show_config()``).
 """
-from ._config import show_config
-from .gram import GramAccumulator
-from .scoring import ScoreResult, score
-from .spectrum import ApproxSpectrum, Spectrum
-from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, spectrum, stable_rank
-from .structured import eigenscore, lidar
-from .bench import BenchResult, bench  # the module stays importable as sys.modules["rankme_fast.bench"]
+import sys as _sys
+
+
+def _run_as_cli() -> bool:
+    """Whether this import is the start of the ``rankme-fast`` command (console script or -m rankme_fast)."""
+    argv = getattr(_sys, "orig_argv", None) or _sys.argv
+    name = _sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] if _sys.argv else ""
+    return name in ("rankme-fast", "rankme-fast.exe") or any(
+        a == "-m" and b.split(".")[0] == "rankme_fast" for a, b in zip(argv, argv[1:]))
+
+
+try:  # torch and the modules load here; a Ctrl-C meanwhile, in the CLI, exits 130 quietly like the rest of it
+    from ._config import show_config
+    from .gram import GramAccumulator
+    from .scoring import ScoreResult, score
+    from .spectrum import ApproxSpectrum, Spectrum
+    from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, spectrum, stable_rank
+    from .structured import eigenscore, lidar
+    from .bench import BenchResult, bench  # the module stays importable as sys.modules["rankme_fast.bench"]
+except KeyboardInterrupt:
+    if not _run_as_cli():
+        raise  # a library import: the caller's KeyboardInterrupt
+    _sys.stderr.write("rankme-fast: interrupted\n")
+    raise SystemExit(130) from None
 
 __version__ = "0.1.0"
 

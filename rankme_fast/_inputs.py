@@ -1,9 +1,10 @@
 """Validation layer: anything array-like -> a checked 2-D/3-D torch tensor.
 
 Every public entry point funnels its data through :func:`as_tensor`, so the rules of DESIGN §6 live in
-one place: wrong ndim, empty, complex, non-numeric, integer and non-finite input raise a ``TypeError`` or
-``ValueError`` that names the problem, the shape and the dtype.  Nothing is copied unless the source
-cannot be viewed by torch (NumPy arrays with negative strides, Python lists).
+one place: wrong ndim, empty, complex, non-numeric, integer, masked and non-finite input raise a
+``TypeError`` or ``ValueError`` that names the problem, the shape and the dtype.  Nothing is copied unless
+the source cannot be viewed by torch (NumPy arrays with negative strides or non-native byte order, e.g.
+big-endian ``>f8`` read from a file, Python lists).
 """
 from __future__ import annotations
 
@@ -22,14 +23,25 @@ def _describe(x: Any) -> str:
 
 
 def to_torch(x: Any, *, name: str = "x") -> torch.Tensor:
-    """Zero-copy view of ``x`` as a torch tensor (torch, NumPy, ``__dlpack__`` objects, array-likes)."""
+    """Zero-copy view of ``x`` as a torch tensor (torch, NumPy, ``__dlpack__`` objects, array-likes).
+
+    Copies only what torch cannot view: NumPy arrays with negative strides, and non-native byte order
+    (big-endian ``>f4``/``>f8`` on x86/ARM) — converted to the native order with ``.astype``, a full copy
+    of the array. NumPy masked arrays are refused (their mask would be ignored)."""
     if isinstance(x, torch.Tensor):
         t = x
+    elif isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name}: NumPy masked arrays are not accepted (got a {_describe(x)} with "
+                        f"{int(np.ma.count_masked(x))} masked values): the mask would be silently ignored; "
+                        "pass x.filled(value) to fill them, or keep the complete rows with "
+                        "x.data[~np.ma.getmaskarray(x).any(axis=1)]")
     elif isinstance(x, np.ndarray):
         if x.dtype == object:
             raise TypeError(f"{name}: object arrays are not accepted (got {_describe(x)}); pass a float array")
         if x.dtype.kind not in "fiubc":
             raise TypeError(f"{name}: non-numeric dtype {x.dtype} is not accepted; pass a float array")
+        if not x.dtype.isnative:
+            x = x.astype(x.dtype.newbyteorder("="))  # a copy: torch only views native byte order
         if any(s < 0 for s in x.strides):
             x = np.ascontiguousarray(x)  # torch cannot view negative strides
         t = torch.from_numpy(x)

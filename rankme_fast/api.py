@@ -17,6 +17,8 @@ import os
 import warnings
 from typing import Any, Optional
 
+import numpy as np
+
 from . import backends
 from . import differentiable as _diff
 from . import metrics as _m
@@ -105,6 +107,7 @@ def spectrum(
         TypeError / ValueError for invalid input (DESIGN §6), including NaN/Inf (count and first row).
     """
     _check(method, precision, backend)
+    _check_center(center, allow_none=False)
     if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
         raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}")
     if differentiable:
@@ -166,7 +169,18 @@ def _differentiable_spectrum(x, center, method, precision, backend, approx_optio
 # metric functions
 
 
+def _check_center(center, *, allow_none: bool = True) -> None:
+    """``center`` must be a bool (or None for a metric's default): ``center='no'`` is an error, not True."""
+    if center is None and allow_none:
+        return
+    if isinstance(center, (bool, np.bool_)):
+        return
+    want = "True, False or None (the metric's default)" if allow_none else "True or False"
+    raise TypeError(f"center must be {want}, got {type(center).__name__} {center!r}")
+
+
 def _spec(x: Any, center: Optional[bool], default_center: bool, opts: dict):
+    _check_center(center)
     if isinstance(x, (Spectrum, ApproxSpectrum)):
         if opts.get("differentiable") and not getattr(x, "differentiable", False):
             raise ValueError("differentiable=True needs the raw embeddings (or a Spectrum from "
@@ -225,6 +239,8 @@ def rankme(x: Any, eps: Optional[float] = None, *, center: Optional[bool] = None
     """
     if convention not in _m.RANKME_CONVENTIONS:
         raise ValueError(f"convention must be one of {list(_m.RANKME_CONVENTIONS)}, got {convention!r}")
+    if eps is not None:
+        eps = _m.check_eps(eps)  # before any work: the same rule as the CLI's --eps, 0 <= eps < 1
     s = _spec(x, center, _m.RANKME_CONVENTIONS[convention][0], options)
     if convention != "paper":
         if isinstance(s, ApproxSpectrum):

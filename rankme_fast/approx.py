@@ -34,6 +34,7 @@ from .backends import cpu as _cpu
 from .backends import torch_ref as _torch_ref
 from .backends import triton_gpu as _triton
 from ._inputs import check_all_finite
+from ._threads import dense_step
 from .gram import _column_means
 from .spectrum import ApproxSpectrum, Quadrature  # noqa: F401 - the value types live in spectrum.py
 
@@ -95,16 +96,18 @@ class NormalOperator:
 
 
 def _orth(w: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(w).Q
+    with dense_step(w):
+        return torch.linalg.qr(w).Q
 
 
 def _ritz(q: torch.Tensor, y: torch.Tensor):
     """Rayleigh–Ritz in span(q) given y = G q: (θ desc, vectors in R^d, residual norms)."""
-    b = q.T @ y
-    theta, s = torch.linalg.eigh((b + b.T) / 2)
-    theta, s = theta.flip(0), s.flip(1)
-    u = q @ s
-    res = torch.linalg.vector_norm(y @ s - u * theta, dim=0)
+    with dense_step(q):  # small dense steps: one thread unless large (_threads.py)
+        b = q.T @ y
+        theta, s = torch.linalg.eigh((b + b.T) / 2)
+        theta, s = theta.flip(0), s.flip(1)
+        u = q @ s
+        res = torch.linalg.vector_norm(y @ s - u * theta, dim=0)
     return theta, u, res
 
 
@@ -159,17 +162,19 @@ def lanczos_topk(op: NormalOperator, k: int, *, block: Optional[int] = None, tol
         if basis.shape[1] >= d:  # the Krylov space is the whole space: Ritz pairs are exact
             converged = True
             break
-        w = y - basis @ (basis.T @ y)
-        w = w - basis @ (basis.T @ w)  # twice is enough
-        qn, beta = torch.linalg.qr(w)
+        with dense_step(basis):
+            w = y - basis @ (basis.T @ y)
+            w = w - basis @ (basis.T @ w)  # twice is enough
+            qn, beta = torch.linalg.qr(w)
         if float(torch.linalg.matrix_norm(beta)) <= 1e-14 * max(float(theta[0]), 1e-300):
             converged = True  # invariant subspace found
             break
         # On a rank-deficient block (collapsed data) Householder QR completes Q with arbitrary unit
         # vectors that need not be orthogonal to the basis: orthogonalise again and re-QR.
         for _ in range(2):
-            qn = qn - basis @ (basis.T @ qn)
-            qn = torch.linalg.qr(qn).Q
+            with dense_step(basis):
+                qn = qn - basis @ (basis.T @ qn)
+                qn = torch.linalg.qr(qn).Q
         qs.append(qn[:, : d - basis.shape[1]])  # a last, narrower block completes the space
     k = min(k, theta.numel())
     return TopK(theta[:k].clamp_min(0), u[:, :k], res[:k], op.passes, converged)
@@ -226,9 +231,10 @@ def _block_lanczos_probes(op: NormalOperator, q: torch.Tensor, m: int, basis: Op
         a = (q * gq).sum(0)
         w = (gq - q * a - prev * beta).T.unsqueeze(2)  # (P, d, 1)
         vs = qs[:, : j + 1]  # (P, j+1, d)
-        for _ in range(2):  # twice is enough
-            w = w - vs.transpose(1, 2) @ (vs @ w)
-        w = proj(w.squeeze(2).T)
+        with dense_step(vs):  # small batched products: one thread (_threads.py)
+            for _ in range(2):  # twice is enough
+                w = w - vs.transpose(1, 2) @ (vs @ w)
+            w = proj(w.squeeze(2).T)
         alphas.append(a * alive)
         bn = torch.linalg.vector_norm(w, dim=0)
         # a breakdown (invariant subspace) ends that probe's recurrence: later steps add nothing
@@ -253,7 +259,8 @@ def _union_ritz(qs, ws, max_cols: int = 512):
     w = ws[:n_p].reshape(-1, d).T
     live = torch.linalg.vector_norm(q, dim=0) > 0  # recurrences that broke down left zero columns
     q, w = q[:, live], w[:, live]
-    s2, v = torch.linalg.eigh(q.T @ q)
+    with dense_step(q):
+        s2, v = torch.linalg.eigh(q.T @ q)
     keep = s2 > 1e-12 * float(s2[-1])
     c = v[:, keep] / s2[keep].sqrt()
     return _ritz(q @ c, w @ c)
@@ -277,7 +284,8 @@ def _gauss_rule(alphas, betas, p: int, n_steps: int):
     t = torch.diag(al[:n_live])
     if n_live > 1:
         t = t + torch.diag(be[: n_live - 1], 1) + torch.diag(be[: n_live - 1], -1)
-    th, sv = torch.linalg.eigh(t)
+    with dense_step(t):
+        th, sv = torch.linalg.eigh(t)
     return th.clamp_min(0), sv[0] ** 2
 
 
@@ -359,6 +367,10 @@ def approx_spectrum(x: torch.Tensor, *, method: str, center: bool, k: Optional[i
                           ("power_iters", power_iters, 0), ("deflate", 0 if deflate is None else deflate, 0)):
         if not isinstance(val, int) or val < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+    for name, val in (("tol", tol), ("deflate_tol", deflate_tol)):
+        # a NaN tolerance would make every residual test false (run to max_iters, report "not converged")
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not (0.0 < float(val) < 1.0):
+            raise ValueError(f"{name} must be a number in (0, 1) (residual ≤ {name}·θ), got {val!r}")
     op = NormalOperator(x, center=center)
     d = op.d
     frob2 = op.trace()

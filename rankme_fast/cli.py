@@ -8,8 +8,9 @@
 ``info``           build configuration and backends (= ``rankme_fast.show_config()``).
 ``demo``           synthetic embeddings with known spectra: exact vs true RankMe.
 
-Exit codes: 0 ok, 2 bad usage, bad input or an unreadable file (one line on stderr), 1 out of memory or
-a closed output pipe, 130 interrupted.
+Exit codes: 0 ok, 2 bad usage, bad input or an unreadable file (one line on stderr), 1 out of memory
+(one line on stderr) or a closed output pipe (nothing on stderr), 130 interrupted (Ctrl-C / SIGINT:
+one line, no traceback).
 """
 from __future__ import annotations
 
@@ -160,10 +161,10 @@ def _bench(args) -> int:
                 print(f"{name:<24} ours  exact   unavailable: {backends.BACKENDS[be].available(torch.device(dev))[1]}")
         return 0
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401, PLC0415
-        except ImportError:
-            raise RuntimeError("--plot needs matplotlib: pip install 'rankme_fast[plot]'") from None
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise RuntimeError("--plot needs matplotlib: pip install 'rankme_fast[plot]'")
     res = _b.bench(args.path, shape=args.shape, dtype=args.dtype, spectrum=args.spectrum,
                    strategies=args.strategies, repeats=args.repeats, device=args.device, center=args.center,
                    seed=args.seed, timeout=args.timeout, progress=None if not args.json else False)
@@ -192,7 +193,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     p = _Parser(prog="rankme-fast", description="Exact RankMe and spectral metrics of embeddings")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     sc = sub.add_parser("score", help="metrics of embedding files (.npy, .safetensors, .pt, .h5, .zarr, shard dirs)",
@@ -248,20 +249,45 @@ def main(argv=None) -> int:
         if args.cmd == "bench" and args.path is not None and args.shape is not None:
             raise ValueError("give a PATH or --shape, not both")
         return args.fn(args)
+    except BrokenPipeError:
+        raise  # handled in main()
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # bad input, unreadable file, bad setup
-        if isinstance(exc, BrokenPipeError):  # e.g. `rankme-fast score ... | head`
-            sys.stdout = open(os.devnull, "w")
-            return 1
         msg = " ".join(str(exc).split())  # one line
         print(f"rankme-fast: error: {msg}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print("rankme-fast: error: out of memory", file=sys.stderr)
+    except MemoryError as exc:
+        detail = " ".join(str(exc).split())
+        print(f"rankme-fast: error: out of memory{': ' + detail if detail else ''} (exit code 1); for score, "
+              "read fewer rows at a time (--chunk-rows) — its memory is O(d²) plus one chunk", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("rankme-fast: interrupted", file=sys.stderr)
-        return 130
 
+
+def _silence_stdout() -> None:
+    """After a closed output pipe (``rankme-fast ... | head``): point fd 1 at /dev/null so that the
+    interpreter's final flush of what is still buffered does not print a second BrokenPipeError."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no real stdout: nothing will be flushed there
+        pass
+
+
+def main(argv=None) -> int:
+    """The ``rankme-fast`` console script; returns the exit code (see the module docstring). Every
+    import of torch and the rest of the package happens inside, so Ctrl-C at any point — while
+    parsing, importing or computing — exits 130 with one line, never a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        try:
+            print("rankme-fast: interrupted", file=sys.stderr)
+        except (OSError, KeyboardInterrupt):
+            pass
+        return 130
+    except BrokenPipeError:  # e.g. `rankme-fast score ... | head`: the reader is gone, stop quietly
+        _silence_stdout()
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from . import backends
+from ._threads import dense_step
 
 SHIFT_ROWS = 4096  # rows used to estimate the centring shift
 
@@ -44,41 +45,7 @@ def abs_max(t: torch.Tensor) -> float:
     return float("nan") if lo != lo or hi != hi else max(hi, -lo)
 
 
-# Squares of |x| outside [2**-400, 2**400] (summed over up to 2**60 rows) come near float64's subnormal or
-# overflow range: such data is multiplied by a power of two first (exact), and σ divided by it afterwards.
-SCALE_EXP_LIMIT = 400
-
-
-def _magnitude_exp(amax: float) -> Optional[int]:
-    """e with amax = m·2^e, m ∈ [0.5, 1); None when amax is 0 or not finite (no magnitude to scale)."""
-    return math.frexp(amax)[1] if amax > 0 and math.isfinite(amax) else None
-
-
-def _scale_for_exp(e: Optional[int]) -> int:
-    """k such that data of magnitude 2^e is safe to square once multiplied by 2^k: 0 in the common range,
-    else -e (magnitude brought to [0.5, 1)). Non-increasing in e, so a larger magnitude never asks to
-    scale stored values up (which could overflow)."""
-    return 0 if e is None or -SCALE_EXP_LIMIT <= e <= SCALE_EXP_LIMIT else -e
-
-
-def scale_exponent(amax: float) -> int:
-    """The power-of-two exponent k to multiply data of max |x| = ``amax`` by before squaring (0 usually)."""
-    return _scale_for_exp(_magnitude_exp(amax))
-
-
-def ldexp(t: torch.Tensor, k: int, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """t·2^k in float64 (written into ``out`` when given; ``out`` may be ``t``), in steps of at most 2^±512
-    so that no factor overflows: exact unless the result itself under- or overflows float64. Without
-    ``out`` and with k = 0 a float64 ``t`` is returned as is (no copy)."""
-    res = t.to(torch.float64)
-    while k:
-        step = max(-512, min(512, k))
-        res = res * (2.0 ** step) if out is None else torch.mul(res, 2.0 ** step, out=out)
-        k -= step
-    if out is not None and res is not out:
-        out.copy_(res)
-        res = out
-    return res
+from ._scale import _magnitude_exp, _scale_for_exp, ldexp, scale_exponent  # noqa: E402 (re-exported)
 
 
 def _column_means(x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +183,8 @@ def eigvals_desc(g: torch.Tensor) -> torch.Tensor:
     if g.dtype != torch.float64:
         g = g.to(torch.float64)
     try:
-        lam = torch.linalg.eigvalsh(g, UPLO="U")
+        with dense_step(g):  # one LAPACK thread for Gram-sized solves: immune to busy cores (_threads.py)
+            lam = torch.linalg.eigvalsh(g, UPLO="U")
         failed = g.device.type != "cpu" and not bool(torch.isfinite(lam).all()) and bool(torch.isfinite(g).all())
     except RuntimeError:  # torch.linalg.LinAlgError included (cuSOLVER syevd fails on some low-rank input)
         if g.device.type == "cpu":
@@ -224,7 +192,9 @@ def eigvals_desc(g: torch.Tensor) -> torch.Tensor:
         failed = True
     if failed:
         warnings.warn("GPU eigensolver failed; retrying on the CPU in float64", RuntimeWarning, stacklevel=2)
-        lam = torch.linalg.eigvalsh(g.cpu(), UPLO="U").to(g.device)
+        device, g = g.device, g.cpu()
+        with dense_step(g):
+            lam = torch.linalg.eigvalsh(g, UPLO="U").to(device)
     return lam.flip(-1).clamp_min(0.0)
 
 
@@ -358,6 +328,8 @@ class GramAccumulator:
             raise ValueError(f"n_features must be a positive int or None, got {n_features!r}")
         if backend not in (None, "auto") and backend not in backends.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(backends.BACKENDS)} or 'auto'")
+        if num_threads is not None:  # validated now, not at the first batch that reaches the kernel
+            num_threads = backends.cpu.check_threads(num_threads)
         self._d: Optional[int] = n_features
         self._device: Optional[torch.device] = None if device is None else _normal_device(device)
         self._backend_name = backend
@@ -587,6 +559,9 @@ class GramAccumulator:
             self._rescale_state(k)
             self._max_exp = e
             mub, mb = ldexp(mub.to(dev), k - kb), ldexp(mb.to(dev), 2 * (k - kb))
+            from .distributed import _is_reduced, mark_reduced  # noqa: PLC0415 - no torch.distributed import
+
+            was_reduced = _is_reduced(self)
             if self.n_rows == 0:
                 self._set_centered(nb, mub, mb, k, e)
             else:
@@ -595,18 +570,23 @@ class GramAccumulator:
                 delta = mub - mua
                 mu = mua + delta * (nb / n)
                 self._set_centered(n, mu, ma + mb + torch.outer(delta, delta) * (na / n * nb), k, e)
+            if was_reduced:  # still holds a global state: a later all_reduce must still be refused
+                mark_reduced(self)
             self.n_batches += batches
             return self
 
-    def all_reduce(self, group=None) -> "GramAccumulator":
+    def all_reduce(self, group=None, *, timeout=None) -> "GramAccumulator":
         """Combine the states of every rank of ``group`` (torch.distributed) in place; afterwards each
         rank holds the global state. One small gather checks that all ranks agree on d (naming the
         ranks that differ), one d-vector all_reduce gives the global mean and one float64 d×d
-        all_reduce sums the Chan-corrected scatter matrices — embeddings never leave their rank."""
+        all_reduce sums the Chan-corrected scatter matrices — embeddings never leave their rank.
+        Once only: a second call (also after more update()s or a merge()) raises on every rank.
+        ``timeout`` (seconds or a timedelta; default: the process group's) bounds each collective, so a
+        rank that never calls all_reduce is a RuntimeError naming it, not a 30-minute hang."""
         from .distributed import all_reduce_accumulator
 
-        with self._lock:
-            return all_reduce_accumulator(self, group)  # a broken accumulator is reported on every rank
+        with self._lock:  # a broken accumulator is reported on every rank
+            return all_reduce_accumulator(self, group, timeout=timeout)
 
     # -- results ------------------------------------------------------------------------------
     def _need_rows(self) -> None:

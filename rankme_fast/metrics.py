@@ -7,13 +7,29 @@ it works on σ² directly. Whether Z was centred is the caller's business (see `
 """
 from __future__ import annotations
 
-import math
 
 from typing import Optional
 
 import torch
 
 RANKME_EPS = 1e-7
+
+
+def check_eps(eps) -> float:
+    """ε as a float in [0, 1) — the one rule of the Python API and the CLI (``--eps``): p_k = σ_k/‖σ‖₁ + ε
+    is meant as a tiny floor under a probability, and ε ≥ 1 would swamp every p_k."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        try:
+            import numpy as np
+            ok = isinstance(eps, (np.integer, np.floating))
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            ok = False
+        if not ok:
+            raise TypeError(f"eps must be a real number in [0, 1), got {type(eps).__name__} {eps!r}")
+    e = float(eps)
+    if not (0.0 <= e < 1.0):  # NaN fails too
+        raise ValueError(f"eps must be in [0, 1), got {eps!r}")
+    return e
 
 
 def _check_nonzero(sv: torch.Tensor, what: str) -> torch.Tensor:
@@ -29,8 +45,7 @@ def rankme(sv: torch.Tensor, eps: float = RANKME_EPS) -> torch.Tensor:
     p is *not* renormalised after adding ε, exactly as in the paper's definition; ε = 0 gives the
     effective rank of Roy & Vetterli with 0·log 0 = 0.
     """
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    eps = check_eps(eps)
     total = _check_nonzero(sv, "RankMe")
     p = sv / total.unsqueeze(-1) + eps
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
@@ -55,8 +70,7 @@ def rankme_convention(sv: torch.Tensor, convention: str = "paper", eps: Optional
     e = RANKME_CONVENTIONS[convention][1] if eps is None else eps
     if convention in ("paper", "stable-pretraining"):
         return rankme(sv, e)
-    if not (e >= 0 and math.isfinite(e)):
-        raise ValueError(f"eps must be a finite number >= 0, got {e!r}")
+    e = check_eps(e)
     total = _check_nonzero(sv, "RankMe")
     if convention == "stable-pretraining-jax":
         p = sv / (total.unsqueeze(-1) + e) + e
@@ -84,22 +98,23 @@ def collapse_auc(sv: torch.Tensor) -> torch.Tensor:
 def stable_rank(sv: torch.Tensor) -> torch.Tensor:
     """Stable rank = Σ σ_k² / σ_1²."""
     _check_nonzero(sv, "stable rank")
-    s2 = sv * sv
-    return s2.sum(-1) / s2.amax(-1)
+    r = sv / sv.amax(-1, keepdim=True)  # σ/σ_1 first: σ² under- or overflows for σ beyond 1e±154
+    return (r * r).sum(-1)
 
 
 def participation_ratio(sv: torch.Tensor) -> torch.Tensor:
     """Participation ratio = (Σ λ)² / Σ λ², λ_k ∝ σ_k²."""
     _check_nonzero(sv, "participation ratio")
-    lam = sv * sv / (sv.amax(-1, keepdim=True) ** 2)  # rescale: σ⁴ overflows long before σ does
+    r = sv / sv.amax(-1, keepdim=True)  # σ/σ_1 before squaring: σ² (and σ⁴) under/overflow far before σ does
+    lam = r * r
     return lam.sum(-1) ** 2 / (lam * lam).sum(-1)
 
 
 def nesum(sv: torch.Tensor) -> torch.Tensor:
     """NEsum = Σ λ_i / λ_1 (normalised eigenvalue sum)."""
     _check_nonzero(sv, "NEsum")
-    lam = sv * sv
-    return lam.sum(-1) / lam.amax(-1)
+    r = sv / sv.amax(-1, keepdim=True)  # λ/λ_1 = (σ/σ_1)²: no σ² to under- or overflow
+    return (r * r).sum(-1)
 
 
 def alpha_req(sv: torch.Tensor, index_range: tuple = (5, 100)) -> torch.Tensor:
@@ -115,13 +130,13 @@ def alpha_req(sv: torch.Tensor, index_range: tuple = (5, 100)) -> torch.Tensor:
     hi = min(hi, k)
     if hi - lo + 1 < 2:
         raise ValueError(f"alpha_req needs at least 2 eigenvalues in the index range {index_range}, but K = {k}")
-    lam = (sv * sv)[..., lo - 1 : hi]
-    if bool((lam <= 0).any()):
+    sig = sv[..., lo - 1 : hi]
+    if bool((sig <= 0).any()):
         raise ValueError(
             f"alpha_req: an eigenvalue in the fit range i={lo}..{hi} is zero (rank-deficient spectrum); "
             "choose an index_range inside the numerical rank"
         )
     x = -torch.log(torch.arange(lo, hi + 1, dtype=torch.float64, device=sv.device))
-    y = torch.log(lam)
+    y = 2.0 * torch.log(sig)  # log λ without forming σ² (which under/overflows beyond 1e±154)
     xc = x - x.mean()
     return (y * xc).sum(-1) / (xc * xc).sum()

@@ -144,8 +144,7 @@ def _rankme_from_parts(head_sv: torch.Tensor, tail_sum, tail_h, eps: float):
 
 
 def _check_eps(eps: float) -> None:
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _m.check_eps(eps)  # the one rule: a real number in [0, 1)
 
 
 def _h(lam: torch.Tensor, s: float, eps: float) -> torch.Tensor:

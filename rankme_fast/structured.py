@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ._inputs import as_tensor
+from ._threads import dense_step
 from .gram import eigvals_desc
 
 
@@ -42,7 +43,8 @@ def lidar(x: Any, groups: Any, *, delta: float = 1e-4, eps: float = 1e-8) -> flo
     sw = dev.T @ dev / (m - n) + delta * torch.eye(d, dtype=torch.float64, device=z.device)
     mc = means - means.mean(0)
     sb = mc.T @ mc / (n - 1)
-    w, v = torch.linalg.eigh(sw)
+    with dense_step(sw):
+        w, v = torch.linalg.eigh(sw)
     if bool((w <= 0).any()):
         raise ValueError("lidar: within-class scatter is singular; use delta > 0")
     wi = (v * w.rsqrt()) @ v.T
@@ -95,6 +97,7 @@ def eigenscore(x: Any, *, alpha: float = 1e-3):
         c = z[i : i + step].to(torch.float64)
         c = c - c.mean(-1, keepdim=True)
         cov = c @ c.transpose(-1, -2) / (d - 1)
-        lam = torch.linalg.eigvalsh(cov + alpha * eye)
+        with dense_step(cov):
+            lam = torch.linalg.eigvalsh(cov + alpha * eye)
         out[i : i + step] = lam.log().mean(-1)
     return float(out[0]) if single else out

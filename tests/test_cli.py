@@ -2,7 +2,13 @@
 info prints the configuration, bad usage exits with 2 and one line on stderr."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +105,134 @@ def test_module_entry_point(tmp_path):
     bad = run_python("import runpy, sys; sys.argv = ['rankme_fast', 'score']; runpy.run_module('rankme_fast', run_name='__main__')",
                      tmp_path, check=False)
     assert bad.returncode == 2 and "required: PATH" in bad.stderr
+
+
+# -- hardening (issue 14): closed stdout, MemoryError, Ctrl-C, a broken dispatch.json -------------------
+
+def _cli_env(tmp_path, site: str | None = None) -> dict:
+    """Environment for ``python -m rankme_fast`` importing the same package as this process, optionally
+    with a ``sitecustomize`` (``site``: its source) that runs before anything else."""
+    import rankme_fast
+
+    env = dict(os.environ)
+    paths = [str(Path(rankme_fast.__file__).resolve().parents[1])]
+    if site is not None:
+        sdir = tmp_path / "site"
+        sdir.mkdir()
+        (sdir / "sitecustomize.py").write_text(textwrap.dedent(site))
+        paths.insert(0, str(sdir))
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.pop("RANKME_FAST_BACKEND", None)
+    return env
+
+
+def test_closed_stdout_exits_quietly(tmp_path):
+    """``rankme-fast demo | head -0``: the reader is gone before the first line; exit 1, nothing on stderr
+    (no BrokenPipeError traceback, no 'Exception ignored' at the interpreter's final flush)."""
+    p = subprocess.Popen([sys.executable, "-m", "rankme_fast", "demo", "--rows", "300", "--dim", "8"],
+                         cwd=str(tmp_path), env=_cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    try:
+        err = p.stderr.read()
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, err
+    assert err == b""
+
+
+def test_memory_error_is_one_line_exit_1(monkeypatch, capsys):
+    import rankme_fast.scoring as scoring
+
+    def boom(*a, **k):
+        raise MemoryError("cannot allocate 8.0 GiB")
+    monkeypatch.setattr(scoring, "score", boom)
+    assert main(["score", "x.npy", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("rankme-fast: error: out of memory: cannot allocate 8.0 GiB (exit code 1); for score, read fewer "
+                   "rows at a time (--chunk-rows) — its memory is O(d²) plus one chunk\n")
+
+
+_SLEEPY_PARSE = """
+    import argparse, os, time
+    _orig = argparse.ArgumentParser.parse_args
+    def parse_args(self, *a, **k):
+        open(os.environ["MARKER"], "w").close()
+        time.sleep(60)
+        return _orig(self, *a, **k)
+    argparse.ArgumentParser.parse_args = parse_args
+"""
+
+_SLEEPY_TORCH_IMPORT = """
+    import os, sys, time
+    class _Slow:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                sys.meta_path.remove(self)
+                open(os.environ["MARKER"], "w").close()
+                time.sleep(60)
+            return None
+    sys.meta_path.insert(0, _Slow())
+"""
+
+
+def _sigint_run(tmp_path, site: str, args=("-m", "rankme_fast", "info")):
+    """Run ``python *args`` with ``site`` preloaded, SIGINT it once the marker file appears; (rc, stderr)."""
+    import signal
+
+    marker = tmp_path / "marker"
+    env = _cli_env(tmp_path, site)
+    env["MARKER"] = str(marker)
+    p = subprocess.Popen([sys.executable, *args], cwd=str(tmp_path), env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), p.communicate(timeout=30)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, err.decode()
+
+
+def test_sigint_while_parsing_exits_130_quietly(tmp_path):
+    rc, err = _sigint_run(tmp_path, _SLEEPY_PARSE)
+    assert (rc, err) == (130, "rankme-fast: interrupted\n")
+
+
+def test_sigint_during_import_exits_130_quietly(tmp_path):
+    """A Ctrl-C while `import rankme_fast` loads torch: the package's __init__ sees it is the CLI starting
+    and exits 130 with one line (a library import re-raises KeyboardInterrupt: next test)."""
+    rc, err = _sigint_run(tmp_path, _SLEEPY_TORCH_IMPORT)
+    assert (rc, err) == (130, "rankme-fast: interrupted\n"), (rc, err)
+
+
+def test_sigint_during_a_library_import_is_the_callers(tmp_path):
+    rc, err = _sigint_run(tmp_path, _SLEEPY_TORCH_IMPORT, args=("-c", "import rankme_fast"))
+    # uncaught KeyboardInterrupt: Python re-raises SIGINT at exit (-2), with its traceback
+    assert rc in (-2, 130) and "KeyboardInterrupt" in err, (rc, err)
+
+
+@pytest.mark.parametrize("text,why", [
+    ('{"min_work": 1e8}', "missing 'order'"),
+    ('{"order": {"exact": {"float32": ["triton"]}', "not valid JSON"),
+])
+def test_info_with_a_broken_dispatch_table_names_the_file(tmp_path, monkeypatch, capsys, text, why):
+    from rankme_fast import backends
+
+    bad = tmp_path / "dispatch.json"
+    bad.write_text(text)
+    monkeypatch.setattr(backends, "DISPATCH_PATH", bad)
+    backends.dispatch_table.cache_clear()
+    try:
+        assert main(["info"]) == 2
+    finally:
+        backends.dispatch_table.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith(f"rankme-fast: error: {bad}: ") and why in err and err.count("\n") == 1, err

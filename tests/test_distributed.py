@@ -167,6 +167,23 @@ def test_all_reduce_matches_single_process(tmp_path, case):
         assert rel_err(a[key], b[key]) <= 1e-12, f"{case}: ranks disagree on {key}"
 
 
+@pytest.mark.parametrize("scale", (1e-170, 1e170), ids=("1e-170", "1e170"))
+def test_all_reduce_of_tiny_and_huge_embeddings(tmp_path, scale):
+    """Squares of |z| ~ 1e∓170 leave float64's range: each rank keeps z·2^k, the gather agrees on one common
+    exponent (its 5th integer), and the reduced σ and RankMe are those of the float64 SVD (issue 14, item 8)."""
+    cfg = dict(kind="power1", n=1200, d=16, seed=9, offset=0.5, dtype="float64", splits=[700, 500], batch=100,
+               scale=scale)
+    codes, logs, out = launch(cfg, tmp_path)
+    assert codes == [0] * WORLD, "worker failed:\n" + "\n".join(f"--- rank {r}:\n{t}" for r, t in enumerate(logs))
+    z = full_matrix(cfg) * scale
+    for r in range(WORLD):
+        res = torch.load(out / f"rank{r}.pt", weights_only=True)
+        for center, key in ((False, "raw"), (True, "centred")):
+            ref = ref_sv(z, center)
+            assert sv_err(res[f"sv_{key}"], ref) <= 1e-9, (r, key)
+            assert rel_err(res[f"rankme_{key}"], np_rankme(ref.numpy())) <= 1e-9, (r, key)
+
+
 def test_feature_mismatch_fails_on_every_rank(tmp_path):
     cfg = dict(kind="power1", n=200, d=32, seed=8, offset=0.0, dtype="float32", splits=[120, 80], batch=50,
                d_of_rank={"1": 48})
@@ -205,7 +222,77 @@ def test_no_rows_on_any_rank_fails_on_every_rank(tmp_path):
     for r in range(WORLD):
         assert codes[r] == 3, f"rank {r} (rc={codes[r]}):\n{logs[r]}"
         err = json.loads((out / f"rank{r}.error.json").read_text())
+        err.pop("elapsed")
         assert err == {"type": "ValueError", "message": "GramAccumulator.all_reduce: no rank has accumulated any rows"}
+
+
+@pytest.mark.parametrize("reload", ([], [1]), ids=("both_reduced", "rank1_reloaded_its_local_state"))
+def test_second_all_reduce_fails_on_every_rank(tmp_path, reload):
+    """A second all_reduce would count every row world-size times (4000 rows instead of 2000): it raises
+    on every rank, naming the rank(s) still holding the reduced state, and changes nothing. A rank that
+    loaded its local checkpoint back is no longer reduced (and is not named)."""
+    cfg = dict(kind="power1", n=2000, d=12, seed=11, offset=1.0, dtype="float64", splits=[1200, 800], batch=500,
+               twice=True, reload_ranks=reload)
+    codes, logs, out = launch(cfg, tmp_path)
+    who = "rank 0" if reload else "ranks 0, 1"
+    for r in range(WORLD):
+        assert codes[r] == 3, f"rank {r} (rc={codes[r]}):\n{logs[r]}"
+        err = json.loads((out / f"rank{r}.error.json").read_text())
+        assert err["type"] == "RuntimeError", err
+        assert err["message"] == (f"GramAccumulator.all_reduce: the accumulator of {who} was already all-reduced "
+                                  "(it holds the global state of every rank; reducing it again would count every "
+                                  "row 2 times); call all_reduce once per accumulated state"), err
+        after = json.loads((out / f"rank{r}.after.json").read_text())
+        want_rows = cfg["splits"][r] if r in reload else 2000
+        want_batches = math.ceil(cfg["splits"][r] / 500) if r in reload else 3 + 2
+        assert after == {"n_rows": want_rows, "n_batches": want_batches}, (r, after)
+
+
+def test_rank_failing_to_prepare_fails_on_every_rank(tmp_path):
+    """Rank 1 cannot form its part (out of memory): it says so in the first small gather, so both ranks
+    raise, naming it, before the d×d all_reduce the other one would otherwise wait in."""
+    cfg = dict(kind="flat", n=300, d=8, seed=13, offset=0.0, dtype="float64", splits=[150, 150], batch=50,
+               fail_prepare_ranks=[1])
+    codes, logs, out = launch(cfg, tmp_path)
+    assert codes == [3, 3], logs
+    errs = [json.loads((out / f"rank{r}.error.json").read_text()) for r in range(WORLD)]
+    head = "GramAccumulator.all_reduce: rank 1 could not prepare its state for the reduction"
+    assert errs[0]["type"] == errs[1]["type"] == "RuntimeError", errs
+    assert errs[0]["message"] == head + " (see the log of that rank)", errs
+    assert errs[1]["message"] == head + ": MemoryError: simulated: cannot allocate the centred scatter matrix", errs
+
+
+def test_absent_rank_times_out_instead_of_hanging(tmp_path):
+    """Rank 1 never calls all_reduce (it raised before and went on, still in the group): rank 0, with
+    timeout=5 s, raises RuntimeError naming the timeout after ~5 s, not after the group's 60 s."""
+    cfg = dict(kind="flat", n=400, d=8, seed=12, offset=0.0, dtype="float64", splits=[200, 200], batch=100,
+               absent_ranks=[1], absent_s=10, timeout=5)
+    t0 = time.monotonic()
+    codes, logs, out = launch(cfg, tmp_path, timeout=60)
+    assert codes == [3, 0], logs
+    err = json.loads((out / "rank0.error.json").read_text())
+    assert err["type"] == "RuntimeError", err
+    assert "did not complete within timeout=5 s" in err["message"], err
+    assert "destroy_process_group" in err["message"], err
+    assert re.search(r"\b1\b", err["message"].split("timeout=5 s", 1)[1]), f"rank 1 not named: {err}"
+    assert 4.5 <= err["elapsed"] <= 12.0, err
+    assert time.monotonic() - t0 < 45
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    ("5", TypeError, "timeout must be a datetime.timedelta, a number of seconds or None, got str '5'"),
+    (True, TypeError, "timeout must be a datetime.timedelta, a number of seconds or None, got bool True"),
+    (0, ValueError, "timeout must be a positive, finite duration, got 0"),
+    (float("nan"), ValueError, "timeout must be a positive, finite duration, got nan"),
+    (-1.0, ValueError, "timeout must be a positive, finite duration, got -1.0"),
+])
+def test_all_reduce_timeout_is_validated(bad, exc, msg):
+    from rankme_fast.distributed import all_reduce_accumulator
+
+    acc = GramAccumulator()
+    acc.update(torch.randn(5, 3, dtype=torch.float64))
+    with pytest.raises(exc, match=re.escape(msg)):
+        all_reduce_accumulator(acc, timeout=bad)
 
 
 @pytest.mark.parametrize("state", ("with_rows", "empty"))

@@ -493,3 +493,58 @@ def test_common_case_has_no_extra_pass_or_copy(monkeypatch):
     acc.rankme()
     rf.spectrum(z.double(), method="gram")
     GramAccumulator().update(z.double()).spectrum(True)
+
+
+# ----------------------------------------------------------------------------------------------
+# constructor validation and the once-only all_reduce through the accumulator's own method
+
+
+@pytest.mark.parametrize(("num_threads", "exc"), [(0, ValueError), (-1, ValueError), (2**40, ValueError),
+                                                  ("2", TypeError), (True, TypeError), (2.0, TypeError)])
+def test_num_threads_is_validated_at_construction(num_threads, exc):
+    with pytest.raises(exc, match="num_threads"):
+        GramAccumulator(num_threads=num_threads)
+
+
+ONCE_SCRIPT = r"""
+import datetime, os, socket, torch, torch.distributed as dist
+from rankme_fast.gram import GramAccumulator
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                        timeout=datetime.timedelta(seconds=30))
+z = torch.randn(300, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+acc = GramAccumulator().update(z[:200])
+acc.all_reduce(timeout=10)                    # the method passes timeout= through
+extra = GramAccumulator().update(z[200:])
+acc.merge(extra)                              # still a global state plus more rows
+assert acc.n_rows == 300 and torch.allclose(acc.gram(), z.T @ z, rtol=1e-12)
+try:
+    acc.all_reduce(timeout=10)
+except RuntimeError as e:
+    print("REFUSED", e)
+fresh = GramAccumulator().load_state_dict(acc.state_dict())   # a reloaded state may be reduced again
+fresh.all_reduce(timeout=datetime.timedelta(seconds=10))
+print("ROWS", fresh.n_rows)
+dist.destroy_process_group()
+"""
+
+
+def test_all_reduce_once_also_after_a_merge(tmp_path):
+    from tests.conftest import run_python  # noqa: PLC0415
+
+    out = run_python(ONCE_SCRIPT, tmp_path, timeout=120).stdout
+    assert "REFUSED" in out and "already" in out.split("REFUSED", 1)[1].splitlines()[0], out
+    assert "ROWS 300" in out
+
+
+@pytest.mark.parametrize("e", (170, -170))
+def test_every_metric_at_extreme_magnitudes(e):
+    """σ ~ 1e∓170: metrics that square σ (stable rank, participation ratio, NEsum) normalise by σ_1 first
+    (they gave NaN); every metric equals its value on the unscaled data."""
+    base = _base()
+    for name in ("rankme", "effective_rank", "collapse_auc", "alpha_req", "stable_rank", "participation_ratio",
+                 "nesum"):
+        fn = getattr(rf, name)
+        want = fn(base)
+        got = fn(base * 10.0**-e)
+        assert math.isfinite(got) and rel_err(got, want) < 1e-9, (name, got, want)

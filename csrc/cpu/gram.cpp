@@ -15,6 +15,7 @@
 
 #include "gram_internal.h"
 #include "rankme/gram.h"
+#include "rankme/threads.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -80,6 +81,11 @@ namespace {
 class SpinBarrier {
  public:
   explicit SpinBarrier(int n) : n_(n), count_(n), gen_(0) {}
+  // before any thread waits: the number of threads that actually started
+  void reset(int n) {
+    n_ = n;
+    count_.store(n, std::memory_order_relaxed);
+  }
   void wait() {
     const int g = gen_.load(std::memory_order_acquire);
     if (count_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
@@ -95,7 +101,7 @@ class SpinBarrier {
   }
 
  private:
-  const int n_;
+  int n_;
   std::atomic<int> count_;
   std::atomic<int> gen_;
 };
@@ -145,7 +151,7 @@ Status gram_update(const GramArgs& a) {
   const int64_t np = cols_p / kPanel;
   const int64_t kc = a.chunk_rows > 0 ? a.chunk_rows : kChunkRows;
   const int64_t nchunks = (a.rows + kc - 1) / kc;
-  int nt = std::max(1, a.num_threads);
+  int nt = std::min(std::max(1, a.num_threads), kMaxThreads);
   nt = static_cast<int>(std::min<int64_t>(nt, nchunks * np));  // no idle threads on tiny input
 
   const size_t g_elems = size_t(cols_p) * size_t(a.ldg);
@@ -156,33 +162,36 @@ Status gram_update(const GramArgs& a) {
     std::vector<AlignedBuf*> gs(nt, nullptr);
     std::vector<int> failed(nt, 0);
     colsums.resize(nt);
-    auto work = [&](int t) {
-      AlignedBuf packbuf(size_t(kc) * cols_p);
-      if (!packbuf.p) { failed[t] = 1; return; }
-      double* g = a.gram;
-      double* cs = a.col_sum;
-      if (t > 0) {
-        gs[t] = new (std::nothrow) AlignedBuf(g_elems);
-        if (!gs[t] || !gs[t]->p) { failed[t] = 1; return; }
-        std::fill(gs[t]->p, gs[t]->p + g_elems, 0.0);
-        g = gs[t]->p;
-        if (cs) { colsums[t].assign(a.cols, 0.0); cs = colsums[t].data(); }
-      }
-      const int64_t c0 = nchunks * t / nt, c1 = nchunks * (t + 1) / nt;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t r0 = c * kc;
-        const int64_t kk = std::min(kc, a.rows - r0);
-        k.pack(a, r0, kk, 0, np, packbuf.p, cs);
-        k.tiles(packbuf.p, kk, np, 0, np, g, a.ldg);
+    auto work = [&](int t, int n) {
+      try {
+        AlignedBuf packbuf(size_t(kc) * cols_p);
+        if (!packbuf.p) { failed[t] = 1; return; }
+        double* g = a.gram;
+        double* cs = a.col_sum;
+        if (t > 0) {
+          gs[t] = new (std::nothrow) AlignedBuf(g_elems);
+          if (!gs[t] || !gs[t]->p) { failed[t] = 1; return; }
+          std::fill(gs[t]->p, gs[t]->p + g_elems, 0.0);
+          g = gs[t]->p;
+          if (cs) { colsums[t].assign(a.cols, 0.0); cs = colsums[t].data(); }
+        }
+        const int64_t c0 = nchunks * t / n, c1 = nchunks * (t + 1) / n;
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t r0 = c * kc;
+          const int64_t kk = std::min(kc, a.rows - r0);
+          k.pack(a, r0, kk, 0, np, packbuf.p, cs);
+          k.tiles(packbuf.p, kk, np, 0, np, g, a.ldg);
+        }
+      } catch (const std::exception&) {  // bad_alloc of a column-sum copy: report, never terminate
+        failed[t] = 1;
       }
     };
-    std::vector<std::thread> th;
-    for (int t = 1; t < nt; ++t) th.emplace_back(work, t);
-    work(0);
-    for (auto& x : th) x.join();
+    // Thread 0 writes into G itself, so G is only final once every thread's copy is added; with fewer
+    // threads than asked for (a failed start) the rows are split among those that run.
+    const int n = run_threads(nt, [](int) {}, work);
     Status st = kOk;
-    for (int t = 0; t < nt; ++t) if (failed[t]) st = kOutOfMemory;
-    for (int t = 1; t < nt; ++t) {
+    for (int t = 0; t < n; ++t) if (failed[t]) st = kOutOfMemory;
+    for (int t = 1; t < n; ++t) {
       if (st == kOk) {
         const double* src = gs[t]->p;
         for (int64_t i = 0; i < cols_p; ++i) {
@@ -200,10 +209,14 @@ Status gram_update(const GramArgs& a) {
   // Shared schedule.
   AlignedBuf packbuf(size_t(kc) * cols_p);
   if (!packbuf.p) return kOutOfMemory;
-  const std::vector<int64_t> jsplit = triangle_split(np, nt);
+  std::vector<int64_t> jsplit;
   SpinBarrier bar(nt);
-  auto work = [&](int t) {
-    const int64_t p0 = np * t / nt, p1 = np * (t + 1) / nt;
+  auto prepare = [&](int n) {  // the panel split and the barrier count follow the threads that started
+    jsplit = triangle_split(np, n);
+    bar.reset(n);
+  };
+  auto work = [&](int t, int n) {
+    const int64_t p0 = np * t / n, p1 = np * (t + 1) / n;
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t r0 = c * kc;
       const int64_t kk = std::min(kc, a.rows - r0);
@@ -213,10 +226,7 @@ Status gram_update(const GramArgs& a) {
       bar.wait();
     }
   };
-  std::vector<std::thread> th;
-  for (int t = 1; t < nt; ++t) th.emplace_back(work, t);
-  work(0);
-  for (auto& x : th) x.join();
+  run_threads(nt, prepare, work);
   return kOk;
 }
 

@@ -8,6 +8,7 @@
 
 #include "gram_internal.h"
 #include "rankme/normal.h"
+#include "rankme/threads.h"
 
 namespace rankme {
 namespace {
@@ -68,13 +69,13 @@ Status run(const NormalArgs& a, void (*block)(const T*, int64_t, int64_t, const 
   const int64_t B = std::max<int64_t>(
       16, std::min<int64_t>(kNormalBlockRows, kNormalBlockBytes / (cols * static_cast<int64_t>(sizeof(T)))));
   const int64_t nblocks = (a.rows + B - 1) / B;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks)));
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::min(nthreads, kMaxThreads), nblocks)));
   // float32 blocks: each block's sums (<= B rows) join a float64 total; float64 blocks accumulate in
   // place over all of the thread's rows.
   constexpr bool kFlush = sizeof(T) < sizeof(double);
   std::vector<std::vector<double>> outs(nt);
   std::vector<int> failed(nt, 0);
-  auto work = [&](int t) {
+  auto work = [&](int t, int n) {
     try {
       std::vector<T> p(size_t(B * cols)), y(size_t(B * 4 * lanes));
       std::vector<std::vector<T>> acc(ngroups);
@@ -85,7 +86,7 @@ Status run(const NormalArgs& a, void (*block)(const T*, int64_t, int64_t, const 
         for (int64_t j = 0; j < cols; ++j)
           for (int64_t v = 0; v < gk[g]; ++v) out[j * k + g * kpg + v] += static_cast<double>(acc[g][j * gp[g] + v]);
       };
-      const int64_t b0 = nblocks * t / nt, b1 = nblocks * (t + 1) / nt;
+      const int64_t b0 = nblocks * t / n, b1 = nblocks * (t + 1) / n;
       for (int64_t bl = b0; bl < b1; ++bl) {
         const int64_t r0 = bl * B, b = std::min(B, a.rows - r0);
         pack_any<T>(a, r0, b, p.data());
@@ -97,17 +98,15 @@ Status run(const NormalArgs& a, void (*block)(const T*, int64_t, int64_t, const 
       }
       if (!kFlush)
         for (int64_t g = 0; g < ngroups; ++g) flush(g);
-    } catch (const std::bad_alloc&) {
+    } catch (const std::exception&) {
       failed[t] = 1;
     }
   };
-  std::vector<std::thread> th;
-  for (int t = 1; t < nt; ++t) th.emplace_back(work, t);
-  work(0);
-  for (auto& x : th) x.join();
-  for (int t = 0; t < nt; ++t)
+  // fewer threads than asked for (a failed start): the row blocks are split among those that run
+  const int n = run_threads(nt, [](int) {}, work);
+  for (int t = 0; t < n; ++t)
     if (failed[t]) return kOutOfMemory;
-  for (int t = 0; t < nt; ++t)
+  for (int t = 0; t < n; ++t)
     for (int64_t i = 0; i < cols * k; ++i) a.out[i] += outs[t][i];
   return kOk;
 }
@@ -141,10 +140,11 @@ double sum_squares_rows(const NormalArgs& a, int64_t r0, int64_t r1) {
 Status sum_squares(const NormalArgs& a, double* out) {
   if (a.rows < 0 || a.cols <= 0 || !out || (a.rows > 0 && !a.x)) return kInvalidArgument;
   if (static_cast<int>(a.dtype) < 0 || static_cast<int>(a.dtype) > 3) return kUnsupportedDtype;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, a.num_threads), a.rows)));
+  const int nt = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(std::min(std::max(1, a.num_threads), kMaxThreads), a.rows)));
   std::vector<double> part(nt, 0.0);
-  auto work = [&](int t) {
-    const int64_t r0 = a.rows * t / nt, r1 = a.rows * (t + 1) / nt;
+  auto work = [&](int t, int n) {
+    const int64_t r0 = a.rows * t / n, r1 = a.rows * (t + 1) / n;
     switch (a.dtype) {
       case DType::kFloat64: part[t] = sum_squares_rows<double>(a, r0, r1); break;
       case DType::kFloat32: part[t] = sum_squares_rows<float>(a, r0, r1); break;
@@ -152,12 +152,10 @@ Status sum_squares(const NormalArgs& a, double* out) {
       case DType::kBFloat16: part[t] = sum_squares_rows<BFloat16>(a, r0, r1); break;
     }
   };
-  std::vector<std::thread> th;
-  for (int t = 1; t < nt; ++t) th.emplace_back(work, t);
-  work(0);
-  for (auto& x : th) x.join();
+  // the sum depends on the number of threads that started (a failed start: fewer), not on the schedule
+  const int n = run_threads(nt, [](int) {}, work);
   double total = 0.0;
-  for (int t = 0; t < nt; ++t) total += part[t];
+  for (int t = 0; t < n; ++t) total += part[t];
   *out = total;
   return kOk;
 }

@@ -47,17 +47,46 @@ def padded(n: int) -> int:
     return (n + PANEL - 1) // PANEL * PANEL
 
 
+def max_threads() -> int:
+    """The most kernel threads one call may ask for: 4 per CPU, at least 256 (each thread costs a stack
+    and, for small d, a private d×d float64 buffer; more than this is a typo, not a tuning)."""
+    return max(256, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(n, what: str = "num_threads") -> int:
+    """``n`` as a thread count in [1, max_threads()]: TypeError for a non-int (bool and str included),
+    ValueError out of range — never a silent default (0 and −1 are not "auto": pass None)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        try:
+            import numpy as np
+            ok = isinstance(n, np.integer)
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            ok = False
+        if not ok:
+            raise TypeError(f"{what} must be a positive int or None, got {type(n).__name__} {n!r}")
+        n = int(n)
+    if not 1 <= n <= max_threads():
+        raise ValueError(f"{what} must be between 1 and {max_threads()} (4 per CPU, at least 256), got {n}")
+    return n
+
+
 def default_threads() -> int:
+    """``RANKME_FAST_NUM_THREADS`` if set (validated like ``num_threads``), else torch's thread count."""
     env = os.environ.get("RANKME_FAST_NUM_THREADS")
-    if env:
+    if env is not None and env.strip():
         try:
             n = int(env)
-        except ValueError:
-            raise ValueError(f"RANKME_FAST_NUM_THREADS must be a positive integer, got {env!r}") from None
+        except ValueError:  # reported below, with the text as given
+            n = 0
         if n < 1:
             raise ValueError(f"RANKME_FAST_NUM_THREADS must be a positive integer, got {env!r}")
-        return n
-    return max(1, torch.get_num_threads())
+        return check_threads(n, "RANKME_FAST_NUM_THREADS")
+    return min(max(1, torch.get_num_threads()), max_threads())
+
+
+def threads(num_threads) -> int:
+    """The kernel's thread count: ``num_threads`` validated, or the default when it is None."""
+    return default_threads() if num_threads is None else check_threads(num_threads)
 
 
 def _vec(t: Optional[torch.Tensor], n: int, what: str) -> int:
@@ -86,6 +115,7 @@ def gram_update(
     mod = load()
     if mod is None:
         raise RuntimeError(f"native CPU backend unavailable: {_error}")
+    nt = threads(num_threads)  # validated even for an empty batch: a bad value fails on the first call
     if x.ndim != 2:
         raise ValueError(f"gram_update expects a 2-D tensor, got shape {tuple(x.shape)}")
     if x.device.type != "cpu":
@@ -103,7 +133,7 @@ def gram_update(
         x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, sr, sc,
         _vec(row_shift, rows, "row_shift"), _vec(col_shift, cols, "col_shift"),
         gram.data_ptr(), cp, _vec(col_sum, cols, "col_sum"),
-        int(num_threads or default_threads()), int(chunk_rows),
+        nt, int(chunk_rows),
     )
 
 
@@ -138,6 +168,7 @@ def normal_apply(
     Returns: (d, k) float64.
     """
     mod = _module_for(x, "normal_apply")
+    nt = threads(num_threads)
     rows, cols = x.shape
     if w.ndim != 2 or w.shape[0] != cols or w.shape[1] < 1 or not w.is_floating_point() or w.device.type != "cpu":
         raise ValueError(f"w must be a (d={cols}, k) float CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}")
@@ -148,7 +179,7 @@ def normal_apply(
     sr, sc = x.stride()
     mod.normal_apply(x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, sr, sc, _vec(col_shift, cols, "col_shift"),
                      w64.data_ptr(), w64.shape[1], out.data_ptr(), bool(single_precision),
-                     int(num_threads or default_threads()))
+                     nt)
     return out
 
 
@@ -156,9 +187,10 @@ def sum_squares(x: torch.Tensor, *, col_shift: Optional[torch.Tensor] = None, nu
     """Σ_rc (x[r, c] − col_shift[c])² in float64, one pass over x (tr VᵀV); non-finite input gives a
     non-finite result."""
     mod = _module_for(x, "sum_squares")
+    nt = threads(num_threads)
     rows, cols = x.shape
     if rows == 0 or cols == 0:
         return 0.0
     sr, sc = x.stride()
     return float(mod.sum_squares(x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, sr, sc,
-                                 _vec(col_shift, cols, "col_shift"), int(num_threads or default_threads())))
+                                 _vec(col_shift, cols, "col_shift"), nt))

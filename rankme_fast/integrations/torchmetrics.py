@@ -5,7 +5,7 @@ Where the peers keep a queue of embeddings (stable-pretraining: ~2048 rows per r
 count n, a shift s, the shifted column sums and the d×d float64 scatter matrix. Any number of rows fits in
 d²·8 bytes (32 MiB at d = 2048), the result is the exact spectrum of *all* rows seen, and under DDP the
 states are combined by Chan's formula in one float64 all_reduce of the d×d matrix (plus a d-vector
-all_reduce and a gather of four integers per rank that checks d and names a rank that differs) — not by
+all_reduce and a gather of five integers per rank that checks d and names a rank that differs) — not by
 torchmetrics' default all_gather of every state (world × d² floats) and never by gathering embeddings.
 
 >>> from rankme_fast.integrations.torchmetrics import RankMe
@@ -73,11 +73,7 @@ def _check_max_rows(max_rows) -> Optional[int]:
 
 
 def _check_eps(eps) -> Optional[float]:
-    if eps is None:
-        return None
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and eps < float("inf")):
-        raise ValueError(f"eps must be a finite number >= 0 or None, got {eps!r}")
-    return float(eps)
+    return None if eps is None else _m.check_eps(eps)  # the package's one rule: [0, 1)
 
 
 class _GramMetric(Metric):

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from .._threads import dense_step
 from ..gram import abs_max, eigvals_desc, fast_gram, ldexp, scale_exponent
 from ..spectrum import FAST_FLOOR, FAST_RANKME_RTOL, Spectrum
 from . import Cost, Strategy
@@ -23,7 +24,8 @@ def _fast(x: torch.Tensor, center: bool):
     g = res.gram
     if not bool(torch.isfinite(g).all()):
         return None, res.backend, ()
-    lam, vecs = torch.linalg.eigh(g)
+    with dense_step(g):
+        lam, vecs = torch.linalg.eigh(g)
     lam = lam.flip(-1)
     vecs = vecs.flip(-1)
     floor = FAST_FLOOR * float(torch.diagonal(g).sum())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._inputs import check_all_finite
+from .._threads import dense_step
 from ..spectrum import EXACT_RANKME_RTOL, FAST_RANKME_RTOL, Spectrum
 from . import Cost, Strategy
 from ._common import dims, raise_if_nonfinite
@@ -13,7 +14,8 @@ def _svd(x: torch.Tensor, center: bool) -> torch.Tensor:
     z = x.to(torch.float64)
     if center:
         z = z - z.mean(-2, keepdim=True)
-    return torch.linalg.svdvals(z)
+    with dense_step(z):  # thread count by size and by the cores idle now (_threads.py)
+        return torch.linalg.svdvals(z)
 
 
 def _batched(x: torch.Tensor, center: bool) -> torch.Tensor:

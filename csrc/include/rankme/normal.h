@@ -35,7 +35,7 @@ Status normal_apply(const NormalArgs& args);
 
 // *out = sum over rows and columns of V[r, c]^2 in float64 (V as above; w, k, single_precision unused):
 // tr(V^T V), one pass over X. Rows are split across threads in a fixed order, so the result depends on
-// num_threads only. Non-finite input gives a non-finite sum.
+// num_threads only (or the fewer threads the system let start). Non-finite input gives a non-finite sum.
 Status sum_squares(const NormalArgs& args, double* out);
 
 }  // namespace rankme
