@@ -182,6 +182,9 @@ class ApproxSpectrum:
     exact: bool = False
     rtol: Optional[float] = None
     notes: tuple = field(default_factory=tuple)
+    # ≠ 0 only for float64 input beyond 2^±400 (λ = σ² out of float64's range): every stored value then
+    # describes Z·2^log2_scale — σ of Z = singular_values·2^-log2_scale; the metrics are scale-invariant
+    log2_scale: int = 0
 
     @property
     def rank_dims(self) -> int:

@@ -178,9 +178,12 @@ def test_bad_data_for_approx():
     for center in (False, True):  # the trace pass finds it; the message names count and row
         with pytest.raises(ValueError, match=r"found 1 non-finite values \(1 NaN, 0 Inf\).*first in row 3"):
             rf.spectrum(x, method="slq", center=center)
-    big = torch.full((10, 4), 1e200, dtype=torch.float64)
-    with pytest.raises(ValueError, match="squares of the data overflow float64"):
-        rf.spectrum(big, method="lanczos")
+    big = torch.full((10, 4), 1e200, dtype=torch.float64)  # squares overflow: computed on big·2^k (issue 14)
+    s = rf.spectrum(big, method="lanczos")
+    assert s.log2_scale < 0
+    half = -s.log2_scale // 2  # σ of big = σ·2^-k, in two factors that are each representable
+    sigma1 = float(s.singular_values[0]) * 2.0**half * 2.0 ** (-s.log2_scale - half)
+    assert sigma1 == pytest.approx(1e200 * 40**0.5, rel=1e-12)
     with pytest.raises(ValueError, match="all singular values are zero"):
         rf.spectrum(torch.zeros(100, 8), method="lanczos")
 

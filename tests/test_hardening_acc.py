@@ -548,3 +548,25 @@ def test_every_metric_at_extreme_magnitudes(e):
         want = fn(base)
         got = fn(base * 10.0**-e)
         assert math.isfinite(got) and rel_err(got, want) < 1e-9, (name, got, want)
+
+
+@pytest.mark.parametrize("method", ("randomized", "lanczos", "slq"))
+@pytest.mark.parametrize("e", (165, -165))
+def test_approximate_methods_at_extreme_magnitudes(method, e):
+    """Approximate methods on float64 beyond 2^±400 run on the exact copy x·2^k and say so (log2_scale):
+    the same estimate and interval as on the unscaled data (power-of-two scaling commutes with every
+    float operation short of under/overflow), instead of a false 'all-zero' or overflow error."""
+    import warnings  # noqa: PLC0415
+
+    base = _base()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # costlier-than-exact notices at these sizes
+        ref = rf.spectrum(base, method=method, seed=3)
+        s = rf.spectrum(base * 10.0**-e, method=method, seed=3)
+    assert ref.log2_scale == 0 and s.log2_scale != 0 and any("x·2^" in n for n in s.notes)
+    assert rel_err(s.rankme(), ref.rankme()) < 1e-12
+    lo, hi = s.rankme_interval()
+    lo0, hi0 = ref.rankme_interval()
+    assert rel_err(lo, lo0) < 1e-12 and rel_err(hi, hi0) < 1e-12
+    sv = s.singular_values * 2.0 ** (-s.log2_scale // 2) * 2.0 ** (-s.log2_scale - (-s.log2_scale // 2))
+    assert rel_err(float(sv[0]), float(ref.singular_values[0]) * 10.0**-e) < 1e-12
