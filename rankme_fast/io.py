@@ -23,10 +23,11 @@ Memory: ``.npy`` and ``.safetensors`` chunks are read by a prefetch thread (so d
 Gram kernel) with ``os.preadv`` into a few buffers reused once nothing references them; nothing is
 memory-mapped, so a file truncated or rewritten while it is read is an error naming it (a short read),
 never a SIGBUS, and resident memory stays at a few chunks plus the d×d state however large the file,
-whoever else maps it. ``.pt``: the same for contiguous tensors of zip-format files (torch's mapping is
-dropped once the record's offset is known); a non-contiguous tensor is copied chunk by chunk from
-torch's mapping (a SIGBUS remains possible if that file is cut while read), a legacy-format file is
-loaded into memory.
+whoever else maps it. ``.pt``: the same for zip-format files whose tensor is row-major (contiguous, or
+a column slice of a wider tensor: rows at a constant stride) or column-major (a saved ``x.T``) —
+torch's mapping is dropped once the record's offset is known; any other view is copied chunk by chunk
+from torch's mapping (a SIGBUS remains possible if that file is cut while read), and a legacy-format
+file is loaded into memory.
 """
 from __future__ import annotations
 
@@ -298,6 +299,15 @@ class _RawReader(Reader):
                 self._pread(cols[j], self._offset + (j * self.n_rows + r0) * dt.itemsize, r0, r1)
             out = np.empty((m, d), dtype=dt.newbyteorder("="))
             out[...] = cols.T
+        elif getattr(self, "_row_stride", d) != d:  # padded rows (a column slice): read the span, keep d of each
+            rs = self._row_stride
+            span = ((m - 1) * rs + d) * dt.itemsize
+            raw = np.empty(span, dtype=np.uint8)
+            self._pread(raw, self._offset + r0 * rs * dt.itemsize, r0, r1)
+            out = np.lib.stride_tricks.as_strided(raw.view(dt), shape=(m, d), strides=(rs * dt.itemsize,
+                                                                                    dt.itemsize)).copy()
+            t = torch.from_numpy(out)
+            return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
         else:
             off = self._offset + r0 * d * dt.itemsize
             self._pread(buf, off, r0, r1)
@@ -464,12 +474,25 @@ def _pick_from_mapping(path: str, items: dict, key: Optional[str], kind: str):
     raise ValueError(f"{path}: holds several 2-D {kind}s {sorted(cands)}; choose one with key=")
 
 
+def _pt_layout(t: torch.Tensor) -> Optional[str]:
+    """"C" for rows of contiguous values at a constant row stride ≥ d (contiguous, or a column slice of a
+    wider tensor), "F" for column-major (x.T saved), None otherwise."""
+    if t.ndim != 2:
+        return None
+    n, d = t.shape
+    if (t.stride(1) == 1 or d == 1) and (t.stride(0) >= d or n == 1):
+        return "C"
+    if t.stride(0) == 1 and t.stride(1) == n and n > 1:
+        return "F"
+    return None
+
+
 class PtReader(_RawReader):
     """``torch.load(weights_only=True, mmap=True)`` parses the file and checks the tensor; the rows of a
-    contiguous tensor (a zip-format file stores it as one uncompressed record) are then read with
-    ``os.preadv`` from its offset in the file, and torch's mapping is dropped, so a file that shrinks
-    while it is read is an error, not a SIGBUS. Other layouts (and the legacy format, loaded into
-    memory) are copied from the tensor torch returns."""
+    row-major tensor (contiguous or with padded rows) or a column-major one (a zip-format file stores
+    the storage as one uncompressed record) are then read with ``os.preadv`` from its offset in the file,
+    and torch's mapping is dropped, so a file that shrinks while it is read is an error, not a SIGBUS.
+    Other layouts (and the legacy format, loaded into memory) are copied from the tensor torch returns."""
 
     _t = None
 
@@ -556,7 +579,10 @@ class PtReader(_RawReader):
         self._check_strides(t)
         fd = _open_regular(self.path)
         try:
-            use = t.is_contiguous() and t.numel() and sys.byteorder == "little"  # zip records are little-endian
+            # row-major (rows possibly padded: a column slice of a wider tensor) or column-major (a saved x.T):
+            # both read with preadv; other views stay on torch's mapping
+            layout = _pt_layout(t)
+            use = layout is not None and t.numel() and sys.byteorder == "little"  # zip records are little-endian
             off = self._file_offset(t, os.fstat(fd)) if use else None
         except BaseException:
             os.close(fd)
@@ -570,8 +596,10 @@ class PtReader(_RawReader):
         self._np_dtype = np.dtype(f"<u{isz}") if self.dtype == torch.bfloat16 else np.dtype(
             {torch.float16: "<f2", torch.float32: "<f4", torch.float64: "<f8"}[self.dtype])
         self._offset = off + t.storage_offset() * isz
-        self._need = t.numel() * isz
-        self._fortran, self._native = False, True
+        self._fortran, self._native = layout == "F", True
+        self._row_stride = t.stride(0) if layout == "C" else self.n_features  # elements between rows
+        span = (self.n_rows - 1) * self._row_stride + self.n_features if layout == "C" else t.numel()
+        self._need = span * isz
 
     def _file_offset(self, t: torch.Tensor, st: os.stat_result) -> Optional[int]:
         """Offset in the file of the storage that torch mapped: the mapping holding its first byte

@@ -397,13 +397,17 @@ def update(self, t):
             np.save(p, x[:1000]) if p.endswith(".npy") else open(p, "wb").write(b"x" * 1000)
 GramAccumulator.update = update
 out = {}
-for fmt in ("npy", "safetensors", "pt"):
+wide = torch.from_numpy(np.random.default_rng(1).standard_normal((100_000, 80)).astype(np.float32))
+views = {"pt": torch.from_numpy(x),
+         "T.pt": torch.from_numpy(np.ascontiguousarray(x.T)).T,  # column-major: a saved x.T
+         "slice.pt": wide[:, 8:72]}                                # rows padded: a column slice
+for fmt in ("npy", "safetensors", "pt", "T.pt", "slice.pt"):
     for how in ("truncate", "rewrite"):
         p = f"{how}.{fmt}"
         if fmt == "npy":
             np.save(p, x)
-        elif fmt == "pt":
-            torch.save({"ids": torch.arange(10), "emb": torch.from_numpy(x)}, p)
+        elif fmt.endswith("pt"):
+            torch.save({"ids": torch.arange(10), "emb": views[fmt]}, p)
             r = rio.open_reader(p)
             r.read(0, 1)
             assert r._fd is not None and r._t is None, "the .pt tensor is not read with preadv"
@@ -428,11 +432,34 @@ def test_file_shrinking_while_read_is_a_clean_error(tmp_path):
     res = run_python(TRUNCATE_CHILD, tmp_path, check=False, timeout=120)
     assert res.returncode == 0, f"rc={res.returncode} (-7 = SIGBUS)\n{res.stdout}\n{res.stderr[-2000:]}"
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(out) == 6
+    assert len(out) == 10
     for p, msg in out.items():
         assert re.fullmatch(rf"{re.escape(p)}: (tensor 'emb' )?truncated while being read: rows \d+\.\.\d+ need "
                             r"bytes up to \d+ but the file now has \d+ bytes \(rewritten or cut by another "
                             r"process\?\)", msg), msg
+
+
+@pytest.mark.parametrize("layout", ("transposed", "column_slice", "row_slice_of_transposed"))
+def test_strided_pt_tensors_are_read_exactly(tmp_path, layout):
+    """A saved x.T (column-major) and a column slice of a wider tensor (padded rows) are read with preadv
+    like a contiguous tensor; a layout that is neither stays on torch's mapping. Same RankMe either way."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(3000, 40, generator=g, dtype=torch.float64) * torch.logspace(0, -1, 40, dtype=torch.float64)
+    if layout == "transposed":
+        t = base.T.contiguous().T
+    elif layout == "column_slice":
+        t = torch.cat([base, base[:, :9]], 1)[:, 3:43]
+    else:  # neither row- nor column-major with a constant stride: mapped
+        t = base.T.contiguous().T[::2]
+    p = tmp_path / "x.pt"
+    torch.save(t, p)
+    r = rio.open_reader(str(p))
+    r.read(0, 1)
+    assert (r._fd is not None) == (layout != "row_slice_of_transposed")
+    r.close()
+    got = score(str(p), metrics="rankme", chunk_rows=700, progress=False)
+    want = np_rankme(ref_sv(t.contiguous()).numpy())
+    assert rel_err(got.metrics["rankme"], want) < 1e-9
 
 
 def test_rss_bounded_while_another_process_maps_the_file(tmp_path):
