@@ -48,6 +48,14 @@ def abs_max(t: torch.Tensor) -> float:
 from ._scale import _magnitude_exp, _scale_for_exp, ldexp, scale_exponent  # noqa: E402 (re-exported)
 
 
+def scaled_copy(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(x·2^k, k) for float64 ``x`` whose max |x| is beyond 2^±400 (exact copy; k from one abs_max pass),
+    else (x, 0) with no copy: other dtypes cannot square out of float64's range. For the routes that run
+    a whole method on the scaled data (fast Gram, approximate methods) and scale σ back by 2^-k."""
+    k = scale_exponent(abs_max(x)) if x.dtype == torch.float64 else 0
+    return (ldexp(x, k) if k else x), k
+
+
 def _column_means(x: torch.Tensor) -> torch.Tensor:
     """Exact float64 column means of ``x`` (N×d), converting at most ~32 MiB at a time."""
     n, d = x.shape
@@ -89,25 +97,35 @@ def _backend_gram(be, x: torch.Tensor, *, center: bool, **kw) -> tuple[torch.Ten
 
 def exact_gram(
     x: torch.Tensor, *, center: bool, backend: Optional[str] = None, num_threads: Optional[int] = None,
-    amax: Optional[float] = None, scaled: bool = False,
+    scaled: bool = False,
 ) -> GramResult:
     """Float64-exact Gram of a validated 2-D tensor ``x`` (N×d).
 
-    Float64 data whose max |x| (``amax`` if the caller knows it, else one min/max pass) is outside
-    [2^-400, 2^400] is squared as a copy x·2^k (exact, k from :func:`scale_exponent`), so tiny or huge
-    inputs neither underflow nor overflow; other dtypes cannot get there (float32's range squared fits
-    float64) and are never copied. With ``scaled`` the Gram of x·2^k is returned and k is in
+    Float64 data whose max |x| is outside [2^-400, 2^400] is squared as a copy x·2^k (exact, k from
+    :func:`scale_exponent`), so tiny or huge inputs neither underflow nor overflow; other dtypes cannot get
+    there (float32's range squared fits float64) and are never copied. Such data is recognised after the
+    fact from the Gram's diagonal (largest G_jj outside (2^-700, 2^1000), or not finite: O(d)), so the
+    common case pays no extra pass over x. With ``scaled`` the Gram of x·2^k is returned and k is in
     ``log2_scale`` (σ = √eig·2^-k stays exact where the Gram itself is not representable); otherwise the
     Gram is scaled back (rounded where it under- or overflows)."""
     n, d = x.shape
+    be = backends.select(backend, x.device, dtype=x.dtype, shape=(n, d))
+    g, transposed = _backend_gram(be, x, center=center, num_threads=num_threads)
     k = 0
     if x.dtype == torch.float64:
-        k = scale_exponent(abs_max(x) if amax is None else amax)
-    be = backends.select(backend, x.device, dtype=x.dtype, shape=(n, d))
-    g, transposed = _backend_gram(be, ldexp(x, k) if k else x, center=center, num_threads=num_threads)
+        top = float(torch.diagonal(g).max())
+        if not (DIAG_LOW < top < DIAG_HIGH):  # 0 (all squares underflowed, or zero data), inf, NaN (then k = 0)
+            k = scale_exponent(abs_max(x))
+            if k:
+                g, transposed = _backend_gram(be, ldexp(x, k), center=center, num_threads=num_threads)
     if k and not scaled:
         g, k = ldexp(g, -2 * k), 0
     return GramResult(g, n, d, transposed, be.NAME, k)
+
+
+# exact_gram looks at max |x| (one pass) only when the largest diagonal entry Σ x_j² is outside
+# (DIAG_LOW, DIAG_HIGH): data whose squares stayed well inside float64's range never gets there
+DIAG_LOW, DIAG_HIGH = 2.0**-700, 2.0**1000
 
 
 def fast_gram(x: torch.Tensor, *, center: bool, basis: Optional[torch.Tensor] = None) -> GramResult:

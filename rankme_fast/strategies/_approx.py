@@ -15,16 +15,13 @@ def run_approx(method: str):
                              "(not a path or a (B, N, d) batch)")
         import dataclasses  # noqa: PLC0415
 
-        import torch  # noqa: PLC0415
-
-        from .._scale import ldexp, scale_exponent  # noqa: PLC0415
         from ..approx import approx_spectrum  # noqa: PLC0415 - it checks finiteness in its trace pass
-        from ..gram import abs_max  # noqa: PLC0415
+        from ..gram import scaled_copy  # noqa: PLC0415
 
         # float64 beyond 2^±400: λ = σ² would under- or overflow, so the method runs on the exact copy t·2^k
         # and the spectrum says so (its values describe t·2^k; every metric is scale-invariant)
-        k = scale_exponent(abs_max(t)) if t.dtype == torch.float64 else 0
-        s = approx_spectrum(ldexp(t, k) if k else t, method=method, center=center, rtol=rtol, **options)
+        x, k = scaled_copy(t)
+        s = approx_spectrum(x, method=method, center=center, rtol=rtol, **options)
         if k:
             s = dataclasses.replace(s, log2_scale=k, notes=s.notes + (
                 f"float64 input with max |x| beyond 2^±400: computed on x·2^{k} (exact); singular_values, "

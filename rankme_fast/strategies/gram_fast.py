@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .._threads import dense_step
-from ..gram import abs_max, eigvals_desc, fast_gram, ldexp, scale_exponent
+from ..gram import eigvals_desc, fast_gram, ldexp, scaled_copy
 from ..spectrum import FAST_FLOOR, FAST_RANKME_RTOL, Spectrum
 from . import Cost, Strategy
 from ._common import dims, per_item, raise_if_nonfinite
@@ -49,8 +49,8 @@ def run(t, *, center, backend=None, rtol=None, **_):  # noqa: ARG001
         return per_item(run, t, center=center)
     # float64 beyond 2^±400: squares would leave float64's range (the float32 chunks are scaled, but the
     # float64 sums are not); work on the exact copy t·2^k and scale σ back (other dtypes cannot get there)
-    k = scale_exponent(abs_max(t)) if t.dtype == torch.float64 else 0
-    sv, be, notes = _fast(ldexp(t, k) if k else t, center)
+    x, k = scaled_copy(t)
+    sv, be, notes = _fast(x, center)
     if sv is None or not bool(torch.isfinite(sv).all()):
         raise_if_nonfinite(t)
     if k:
