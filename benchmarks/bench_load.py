@@ -127,6 +127,17 @@ def stop(procs):
         p.wait()
 
 
+def steal_seconds():
+    """CPU time the hypervisor ran something else on this VM's CPUs (``/proc/stat`` steal, all CPUs), or
+    None where not reported: a busy neighbour on the host slows every condition alike but is no load of ours."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_condition(cond: str, rts: dict, reps: int, budget: float, cpus: int):
     k = {"quiet": 0, "one_busy": 1, "all_busy": cpus}[cond]
     procs = spinners(k)
@@ -134,8 +145,12 @@ def run_condition(cond: str, rts: dict, reps: int, budget: float, cpus: int):
         time.sleep(0.5 if k else 0.0)  # let the spinners get scheduled
         rec = {"loadavg": os.getloadavg(), "other_runnable": _threads.other_runnable(), "spinners": k,
                "times_s": {}}
+        rec["steal_s"] = {}
         for name, fn in rts.items():
+            st0 = steal_seconds()
             rec["times_s"][name] = time_route(fn, reps, budget)
+            if st0 is not None:  # the hypervisor's time taken from this VM's CPUs, all CPUs together
+                rec["steal_s"][name] = round(steal_seconds() - st0, 4)
     finally:
         stop(procs)
     return rec

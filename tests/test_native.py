@@ -198,6 +198,31 @@ def test_gram_update_shared_schedule_transposed_large_d():
 
 
 @needs_native
+@needs_native
+@pytest.mark.parametrize("rows, cols, chunk_rows", [(20000, 64, 512), (3000, 300, 17), (2100, 1500, 64),
+                                                     (1100, 2048, 64)], ids=lambda v: str(v))
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_gram_update_dynamic_schedule_is_deterministic(rows, cols, chunk_rows, threads):
+    """Both schedules hand out work dynamically (guided slots of chunks / triangle pieces from a counter),
+    yet the same input and thread count give the same bits on every call, whichever thread ran what,
+    and match the float64 oracle within its rounding bound (private: cols ≤ 1448 at 2 threads; shared above)."""
+    x = _data(rows, cols, torch.float32, seed=3)
+    gram0, cs0 = _initial_state(cols)
+    outs = []
+    for _ in range(4):
+        g, cs = gram0.clone(), cs0.clone()
+        cpu.gram_update(x, g, col_sum=cs, num_threads=threads, chunk_rows=chunk_rows)
+        outs.append((g, cs))
+    for g, cs in outs[1:]:
+        assert torch.equal(torch.triu(g[:cols, :cols]), torch.triu(outs[0][0][:cols, :cols])), "Gram not reproducible"
+        assert torch.equal(cs, outs[0][1]), "column sums not reproducible"
+    exact, bound, cs_exact, cs_bound = _oracle(x, gram0, cs0, None, None)
+    upper = torch.triu(torch.ones(cols, cols, dtype=torch.bool))
+    err = (outs[0][0][:cols, :cols] - exact).abs()
+    assert bool((err[upper] <= bound[upper]).all()), f"max error / bound {float((err / bound)[upper].max()):.3g}"
+    assert bool(((outs[0][1] - cs_exact).abs() <= cs_bound).all())
+
+
 def test_gram_update_accumulates_over_calls():
     """Streaming: two updates on halves equal one update on the whole (float64 bound)."""
     x = _data(1001, 37, torch.float32, seed=9)

@@ -1,10 +1,15 @@
 // Driver of the streaming Gram: chunking over rows, threading, ISA dispatch.
 //
-// Two parallel schedules (chosen by the size of G):
-//  * private: each thread owns a contiguous row range and its own padded G, reduced at the end. No
-//    synchronisation inside the loop; used while the extra copies stay small (<= 16 MiB in all).
-//  * shared: all threads pack one chunk together (split by column panels), meet at a barrier, then
-//    update disjoint column ranges of the shared G with equal triangle areas.
+// Two parallel schedules (chosen by the size of G), both dynamic (a thread that gets less of a core,
+// e.g. beside a data-loader worker, takes less of the work) and both deterministic (the same input
+// and thread count give the same bits whichever thread ran what):
+//  * private: the chunks are cut into contiguous slots of decreasing size (guided: big ones first,
+//    small ones last so the threads finish together); threads take slots in turn from a counter. Slot 0
+//    adds into G itself, every other slot into its own zeroed copy, and the copies are added into G in
+//    slot order at the end. Used while the copies stay small (<= 32 MiB in all).
+//  * shared: all threads pack one chunk together, meet at a barrier, then update disjoint pieces of
+//    the shared G (equal triangle areas, several per thread, taken from a counter); every element of
+//    G is written by one thread per chunk, in chunk order.
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -139,6 +144,34 @@ std::vector<int64_t> triangle_split(int64_t np, int t) {
   return b;
 }
 
+// Guided slots over [0, nchunks): each slot is ceil(remaining / (2 t)) chunks but at least `least`,
+// so the first t slots hold about 40% of the rows and the last ones a few chunks each. Returns the
+// slot boundaries (size = slots + 1).
+std::vector<int64_t> guided_slots(int64_t nchunks, int t, int64_t least) {
+  std::vector<int64_t> b{0};
+  int64_t r0 = 0;
+  while (r0 < nchunks) {
+    const int64_t rem = nchunks - r0;
+    const int64_t sz = std::min(rem, std::max(least, (rem + 2 * t - 1) / (2 * t)));
+    r0 += sz;
+    b.push_back(r0);
+  }
+  return b;
+}
+
+// Private-schedule slots within a memory budget for the copies (slot 0 needs none).
+std::vector<int64_t> private_slots(int64_t nchunks, int t, size_t g_bytes) {
+  const size_t budget = size_t(32) << 20;
+  const int64_t max_slots = std::max<int64_t>(t, int64_t(budget / std::max<size_t>(g_bytes, 1)) + 1);
+  int64_t least = std::max<int64_t>(1, nchunks / (8 * int64_t(t)));
+  std::vector<int64_t> b = guided_slots(nchunks, t, least);
+  while (int64_t(b.size()) - 1 > max_slots) {
+    least *= 2;
+    b = guided_slots(nchunks, t, least);
+  }
+  return b;
+}
+
 }  // namespace
 
 Status gram_update(const GramArgs& a) {
@@ -155,74 +188,91 @@ Status gram_update(const GramArgs& a) {
   nt = static_cast<int>(std::min<int64_t>(nt, nchunks * np));  // no idle threads on tiny input
 
   const size_t g_elems = size_t(cols_p) * size_t(a.ldg);
-  const bool priv = nt > 1 && (size_t(nt - 1) * g_elems * 8 <= (size_t(16) << 20)) && nchunks >= size_t(nt);
+  const size_t g_bytes = g_elems * sizeof(double);
+  const bool priv = nt > 1 && (size_t(nt - 1) * g_bytes <= (size_t(16) << 20)) && nchunks >= int64_t(nt);
 
   if (nt == 1 || priv) {
-    std::vector<std::vector<double>> colsums;
-    std::vector<AlignedBuf*> gs(nt, nullptr);
-    std::vector<int> failed(nt, 0);
-    colsums.resize(nt);
-    auto work = [&](int t, int n) {
-      try {
-        AlignedBuf packbuf(size_t(kc) * cols_p);
-        if (!packbuf.p) { failed[t] = 1; return; }
-        double* g = a.gram;
-        double* cs = a.col_sum;
-        if (t > 0) {
-          gs[t] = new (std::nothrow) AlignedBuf(g_elems);
-          if (!gs[t] || !gs[t]->p) { failed[t] = 1; return; }
-          std::fill(gs[t]->p, gs[t]->p + g_elems, 0.0);
-          g = gs[t]->p;
-          if (cs) { colsums[t].assign(a.cols, 0.0); cs = colsums[t].data(); }
+    const std::vector<int64_t> slot = nt == 1 ? std::vector<int64_t>{0, nchunks} : private_slots(nchunks, nt, g_bytes);
+    const int64_t nslots = int64_t(slot.size()) - 1;
+    std::vector<std::vector<double>> colsums(nslots);
+    std::vector<AlignedBuf*> gs(nslots, nullptr);
+    std::vector<int> failed(nslots, 0);
+    std::atomic<int64_t> next{0};
+    auto work = [&](int, int) {
+      AlignedBuf packbuf(size_t(kc) * cols_p);
+      for (int64_t s; (s = next.fetch_add(1, std::memory_order_relaxed)) < nslots;) {
+        try {
+          if (!packbuf.p) { failed[s] = 1; continue; }
+          double* g = a.gram;
+          double* cs = a.col_sum;
+          if (s > 0) {
+            gs[s] = new (std::nothrow) AlignedBuf(g_elems);
+            if (!gs[s] || !gs[s]->p) { failed[s] = 1; continue; }
+            g = gs[s]->p;
+            for (int64_t i = 0; i < cols_p; ++i) {  // the part the tiles write and the fold reads
+              const int64_t j0 = i / kPanel * kPanel;
+              std::fill(g + i * a.ldg + j0, g + i * a.ldg + cols_p, 0.0);
+            }
+            if (cs) { colsums[s].assign(a.cols, 0.0); cs = colsums[s].data(); }
+          }
+          for (int64_t c = slot[s]; c < slot[s + 1]; ++c) {
+            const int64_t r0 = c * kc;
+            const int64_t kk = std::min(kc, a.rows - r0);
+            k.pack(a, r0, kk, 0, np, packbuf.p, cs);
+            k.tiles(packbuf.p, kk, np, 0, np, g, a.ldg);
+          }
+        } catch (const std::exception&) {  // bad_alloc of a column-sum copy: report, never terminate
+          failed[s] = 1;
         }
-        const int64_t c0 = nchunks * t / n, c1 = nchunks * (t + 1) / n;
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t r0 = c * kc;
-          const int64_t kk = std::min(kc, a.rows - r0);
-          k.pack(a, r0, kk, 0, np, packbuf.p, cs);
-          k.tiles(packbuf.p, kk, np, 0, np, g, a.ldg);
-        }
-      } catch (const std::exception&) {  // bad_alloc of a column-sum copy: report, never terminate
-        failed[t] = 1;
       }
     };
-    // Thread 0 writes into G itself, so G is only final once every thread's copy is added; with fewer
-    // threads than asked for (a failed start) the rows are split among those that run.
-    const int n = run_threads(nt, [](int) {}, work);
+    // Slot 0 writes into G itself, so G is only final once every other slot's copy is added, in slot
+    // order; with fewer threads than asked for (a failed start) the same slots run on fewer threads.
+    run_threads(nt, [](int) {}, work);
     Status st = kOk;
-    for (int t = 0; t < n; ++t) if (failed[t]) st = kOutOfMemory;
-    for (int t = 1; t < n; ++t) {
+    for (int64_t s = 0; s < nslots; ++s) if (failed[s]) st = kOutOfMemory;
+    for (int64_t s = 1; s < nslots; ++s) {
       if (st == kOk) {
-        const double* src = gs[t]->p;
+        const double* src = gs[s]->p;
         for (int64_t i = 0; i < cols_p; ++i) {
           const int64_t j0 = i / kPanel * kPanel;  // keep the whole diagonal block, cheap and simple
           for (int64_t j = j0; j < cols_p; ++j) a.gram[i * a.ldg + j] += src[i * a.ldg + j];
         }
         if (a.col_sum)
-          for (int64_t c = 0; c < a.cols; ++c) a.col_sum[c] += colsums[t][c];
+          for (int64_t c = 0; c < a.cols; ++c) a.col_sum[c] += colsums[s][c];
       }
-      delete gs[t];
+      delete gs[s];
     }
     return st;
   }
 
-  // Shared schedule.
+  // Shared schedule. Pieces: panels to pack and triangle pieces of G to update, several per thread
+  // so a thread with less of a core takes fewer; thread 0 resets one phase's counter while the others
+  // are in the other phase (between the two barriers that bound it).
   AlignedBuf packbuf(size_t(kc) * cols_p);
   if (!packbuf.p) return kOutOfMemory;
-  std::vector<int64_t> jsplit;
+  std::vector<int64_t> jsplit, psplit;
+  std::atomic<int64_t> next_pack{0}, next_tile{0};
   SpinBarrier bar(nt);
-  auto prepare = [&](int n) {  // the panel split and the barrier count follow the threads that started
-    jsplit = triangle_split(np, n);
+  auto prepare = [&](int n) {  // the pieces and the barrier count follow the threads that started
+    const int pieces = static_cast<int>(std::min<int64_t>(np, 4 * int64_t(n)));
+    jsplit = triangle_split(np, pieces);
+    psplit.resize(pieces + 1);
+    for (int i = 0; i <= pieces; ++i) psplit[i] = np * i / pieces;
     bar.reset(n);
   };
-  auto work = [&](int t, int n) {
-    const int64_t p0 = np * t / n, p1 = np * (t + 1) / n;
+  auto work = [&](int t, int) {
+    const int64_t pieces = int64_t(jsplit.size()) - 1;
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t r0 = c * kc;
       const int64_t kk = std::min(kc, a.rows - r0);
-      k.pack(a, r0, kk, p0, p1, packbuf.p, a.col_sum);  // disjoint panels -> disjoint col_sum entries
+      if (t == 0) next_tile.store(0, std::memory_order_relaxed);
+      for (int64_t q; (q = next_pack.fetch_add(1, std::memory_order_relaxed)) < pieces;)
+        k.pack(a, r0, kk, psplit[q], psplit[q + 1], packbuf.p, a.col_sum);  // disjoint panels, col_sum entries
       bar.wait();
-      k.tiles(packbuf.p, kk, np, jsplit[t], jsplit[t + 1], a.gram, a.ldg);
+      if (t == 0) next_pack.store(0, std::memory_order_relaxed);
+      for (int64_t q; (q = next_tile.fetch_add(1, std::memory_order_relaxed)) < pieces;)
+        k.tiles(packbuf.p, kk, np, jsplit[q], jsplit[q + 1], a.gram, a.ldg);
       bar.wait();
     }
   };
