@@ -27,7 +27,8 @@ try:  # torch and the modules load here; a Ctrl-C meanwhile, in the CLI, exits 1
     from .scoring import ScoreResult, score
     from .spectrum import ApproxSpectrum, Spectrum
     from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, spectrum, stable_rank
-    from .structured import eigenscore, lidar
+    from .structured import lidar
+    from .llm import alpha_entropy, diff_erank, eigenscore, erank, llm_check_hidden_score, matrix_entropy
     from .bench import BenchResult, bench  # the module stays importable as sys.modules["rankme_fast.bench"]
 except KeyboardInterrupt:
     if not _run_as_cli():
@@ -43,12 +44,17 @@ __all__ = [
     "GramAccumulator",
     "ScoreResult",
     "Spectrum",
+    "alpha_entropy",
     "alpha_req",
     "bench",
     "collapse_auc",
+    "diff_erank",
     "effective_rank",
     "eigenscore",
+    "erank",
     "lidar",
+    "llm_check_hidden_score",
+    "matrix_entropy",
     "nesum",
     "participation_ratio",
     "rankme",

@@ -1,5 +1,5 @@
-"""Metrics that need more structure than one embedding matrix: LiDAR (views of samples) and
-EigenScore (generations of prompts). Both are computed in float64 on d×d / K×K matrices.
+"""Metrics that need more structure than one embedding matrix: LiDAR (views of samples), computed in
+float64 on d×d matrices. EigenScore and the other per-prompt LLM metrics live in :mod:`rankme_fast.llm`.
 """
 from __future__ import annotations
 
@@ -67,37 +67,3 @@ def _as_groups(groups: Any, m: int) -> torch.Tensor:
     if g.ndim != 1 or g.shape[0] != m:
         raise ValueError(f"groups: need one id per row of x, i.e. shape ({m},), got {tuple(g.shape)}")
     return g.to(torch.int64).cpu()
-
-
-def eigenscore(x: Any, *, alpha: float = 1e-3):
-    """EigenScore (Chen et al. 2024, INSIDE): mean log-eigenvalue of the generations' covariance.
-
-    For one item, Z (K×d) holds the embeddings of K generations. With J = I - 11ᵀ/d centring over
-    features, C = Z J Zᵀ / (d-1) (``torch.cov`` of the K rows), and::
-
-        EigenScore = (1/K) Σ_k log λ_k(C + αI)      (natural log)
-
-    Args:
-        x: ``(K, d)`` for one item (returns a float) or ``(B, K, d)`` (returns a float64 tensor (B,)).
-        alpha: ridge α > 0 keeping log finite when the generations are linearly dependent.
-    """
-    z = as_tensor(x, ndim=(2, 3), name="x", check_finite=True)
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    if z.shape[-1] < 2:
-        raise ValueError(f"eigenscore needs d >= 2 features to form a covariance, got shape {tuple(z.shape)}")
-    single = z.ndim == 2
-    if single:
-        z = z.unsqueeze(0)
-    b, k, d = z.shape
-    out = torch.empty(b, dtype=torch.float64, device=z.device)
-    step = max(1, (1 << 22) // max(k * d, 1))
-    eye = torch.eye(k, dtype=torch.float64, device=z.device)
-    for i in range(0, b, step):
-        c = z[i : i + step].to(torch.float64)
-        c = c - c.mean(-1, keepdim=True)
-        cov = c @ c.transpose(-1, -2) / (d - 1)
-        with dense_step(cov):
-            lam = torch.linalg.eigvalsh(cov + alpha * eye)
-        out[i : i + step] = lam.log().mean(-1)
-    return float(out[0]) if single else out

@@ -169,7 +169,7 @@ def test_nonfinite_lidar_and_eigenscore():
     z = _with_nonfinite((20, 10), torch.float64)
     with pytest.raises(ValueError, match=NONFINITE_MSG.format(n=20, d=10)):
         rf.lidar(z, np.repeat(np.arange(10), 2))
-    with pytest.raises(ValueError, match=NONFINITE_MSG.format(n=20, d=10)):
+    with pytest.raises(ValueError, match=r"x: item 0 holds \d+ non-finite value\(s\), the first \((nan|inf|-inf)\) in token"):
         rf.eigenscore(z)
 
 
@@ -382,12 +382,12 @@ def test_lidar_negative_regularisers(delta, eps):
 
 @pytest.mark.parametrize("alpha", (0.0, -1e-3, float("nan")), ids=("zero", "negative", "nan"))
 def test_eigenscore_bad_alpha(alpha):
-    with pytest.raises(ValueError, match=r"alpha must be > 0, got"):
+    with pytest.raises(ValueError, match=r"alpha must be a finite number > 0, got"):
         rf.eigenscore(torch.randn(4, 16), alpha=alpha)
 
 
 def test_eigenscore_one_feature():
-    with pytest.raises(ValueError, match=r"eigenscore needs d >= 2 features to form a covariance, got shape \(4, 1\)"):
+    with pytest.raises(ValueError, match=r"eigenscore needs d >= 2 features to form a covariance, got d = 1"):
         rf.eigenscore(torch.randn(4, 1))
 
 

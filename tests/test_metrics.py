@@ -433,10 +433,12 @@ def np_eigenscore(z, alpha=1e-3):
 @pytest.mark.parametrize("shape", ((10, 64), (1, 5), (20, 8)), ids=("10x64", "1x5", "20x8_K_gt_d"))
 def test_eigenscore_2d_vs_numpy(rng, shape, dtype):
     z = rng.normal(size=shape).astype(dtype)
-    got = rf.eigenscore(z)
+    # convention="paper" (natural log) is what rf.eigenscore returned before issue 15 made "inside" the default
+    got = rf.eigenscore(z, convention="paper")
     assert isinstance(got, float)
     assert got == pytest.approx(np_eigenscore(z), rel=1e-10, abs=1e-12)
-    assert rf.eigenscore(z, alpha=0.5) == pytest.approx(np_eigenscore(z, 0.5), rel=1e-10, abs=1e-12)
+    assert rf.eigenscore(z, alpha=0.5, convention="paper") == pytest.approx(np_eigenscore(z, 0.5), rel=1e-10, abs=1e-12)
+    assert rf.eigenscore(z) == pytest.approx(np_eigenscore(z) / np.log(10), rel=1e-10, abs=1e-12)  # "inside": log10
 
 
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=("f64", "f32", "bf16"))
@@ -444,11 +446,11 @@ def test_eigenscore_batched_vs_numpy(rng, dtype):
     zs = torch.from_numpy(rng.normal(size=(7, 6, 32)))
     zs[3] = zs[3, :1].expand(6, 32)  # identical generations: C = v·11ᵀ, eigenvalues 6v + α and α (×5)
     zs = zs.to(dtype)
-    got = rf.eigenscore(zs)
+    got = rf.eigenscore(zs, convention="paper")
     assert isinstance(got, torch.Tensor) and got.shape == (7,) and got.dtype == torch.float64
     want = [np_eigenscore(zs[i].double().numpy()) for i in range(7)]
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
     v = float(zs[3, 0].double().var())  # variance over features (d - 1 normalisation)
     assert float(got[3]) == pytest.approx((math.log(6 * v + 1e-3) + 5 * math.log(1e-3)) / 6, rel=1e-9)
     for i in range(7):  # batched == one item at a time
-        assert float(got[i]) == pytest.approx(rf.eigenscore(zs[i]), rel=1e-12, abs=1e-12)
+        assert float(got[i]) == pytest.approx(rf.eigenscore(zs[i], convention="paper"), rel=1e-12, abs=1e-12)
