@@ -8,6 +8,7 @@
 
 #include "rankme/gram.h"
 #include "rankme/normal.h"
+#include "rankme/rowgram.h"
 
 namespace py = pybind11;
 
@@ -82,6 +83,46 @@ static double sum_squares(uintptr_t x, int dtype, int64_t rows, int64_t cols, in
   return out;
 }
 
+// Batched row Gram: gram[b, :L, :L] += V V^T per item (see csrc/include/rankme/rowgram.h).
+static void row_gram_batch(uintptr_t x, int dtype, int64_t batch, int64_t n_max, int64_t dim, int64_t stride_b,
+                           int64_t stride_r, int64_t stride_c, uintptr_t lengths, uintptr_t row_shift,
+                           int64_t row_shift_stride_b, int64_t row_shift_stride_r, uintptr_t col_shift,
+                           int64_t col_shift_stride_b, int64_t col_shift_stride_c, uintptr_t gram,
+                           int64_t gram_stride_b, int64_t ldg, uintptr_t row_sum, int64_t row_sum_stride_b,
+                           int num_threads, int64_t block_cols, int kernel) {
+  rankme::RowGramArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.dtype = static_cast<rankme::DType>(dtype);
+  a.batch = batch;
+  a.n_max = n_max;
+  a.dim = dim;
+  a.stride_b = stride_b;
+  a.stride_r = stride_r;
+  a.stride_c = stride_c;
+  a.lengths = reinterpret_cast<const int64_t*>(lengths);
+  a.row_shift = reinterpret_cast<const double*>(row_shift);
+  a.row_shift_stride_b = row_shift_stride_b;
+  a.row_shift_stride_r = row_shift_stride_r;
+  a.col_shift = reinterpret_cast<const double*>(col_shift);
+  a.col_shift_stride_b = col_shift_stride_b;
+  a.col_shift_stride_c = col_shift_stride_c;
+  a.gram = reinterpret_cast<double*>(gram);
+  a.gram_stride_b = gram_stride_b;
+  a.ldg = ldg;
+  a.row_sum = reinterpret_cast<double*>(row_sum);
+  a.row_sum_stride_b = row_sum_stride_b;
+  a.num_threads = num_threads;
+  a.block_cols = block_cols;
+  a.kernel = kernel;
+  rankme::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = rankme::row_gram_batch(a);
+  }
+  if (st == rankme::kOutOfMemory) throw std::bad_alloc();
+  if (st != rankme::kOk) throw std::invalid_argument(std::string("row_gram_batch: ") + rankme::status_string(st));
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rankme_fast CPU kernels (framework-agnostic; no libtorch)";
   m.def("gram_update", &gram_update, "G += V^T V over row chunks in float64 (see csrc/include/rankme/gram.h)",
@@ -95,6 +136,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("sum_squares", &sum_squares, "sum of squares of the (shifted) data in float64, one pass",
         py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("stride_r"), py::arg("stride_c"),
         py::arg("col_shift"), py::arg("num_threads"));
+  m.def("row_gram_batch", &row_gram_batch,
+        "gram[b, :L, :L] += V V^T per item of a batch, float64 (see csrc/include/rankme/rowgram.h)",
+        py::arg("x"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("dim"), py::arg("stride_b"),
+        py::arg("stride_r"), py::arg("stride_c"), py::arg("lengths"), py::arg("row_shift"),
+        py::arg("row_shift_stride_b"), py::arg("row_shift_stride_r"), py::arg("col_shift"),
+        py::arg("col_shift_stride_b"), py::arg("col_shift_stride_c"), py::arg("gram"), py::arg("gram_stride_b"),
+        py::arg("ldg"), py::arg("row_sum"), py::arg("row_sum_stride_b"), py::arg("num_threads"),
+        py::arg("block_cols") = 0, py::arg("kernel") = 0);
   m.def("gram_isa", &rankme::gram_isa, "instruction set the Gram kernel dispatches to on this CPU");
   m.attr("PANEL") = rankme::kPanel;
 }

@@ -13,7 +13,7 @@ in any float dtype (bfloat16 included), on CPU or CUDA, as torch / NumPy / DLPac
 tensor (B,) on the input's device; a single 2-D ``(n, d)`` item returns a float.
 
 **Engine.** No Python loop per item: items are bucketed by length (lengths within 25 % or 16 rows of the
-bucket's shortest; a bucket is cut in chunks of ≤ 32 MiB of float64 Grams and input copies) and each
+bucket's shortest; a bucket is cut in chunks of ≤ 32 MiB of float64 Grams and ≤ 32 MiB of input copies) and each
 chunk's n×n Grams of the rows are computed at once in float64 — on CPU by the native batched row-Gram
 kernel (``rankme_fast._C``, the upcast fused into the kernel, threads across items; the float64 copy
 below where the extension is missing), elsewhere as a batched float64 matmul of the chunk's float64 copy.
@@ -59,7 +59,7 @@ import torch
 from ._inputs import to_torch
 from ._threads import dense_step
 
-_CHUNK_BYTES = 32 << 20
+_CHUNK_BYTES = 64 << 20
 _U = 2.0 ** -53
 EIGENSCORE_CONVENTIONS = ("inside", "paper", "lm-polygraph")
 NORMALIZATIONS = ("raw", "maxEntropy", "logN", "logD")
@@ -131,7 +131,7 @@ class _Items:
             if nb == p.shape[1] and bool((idx == torch.arange(i0, i0 + idx.numel())).all()):
                 return p[i0:i0 + idx.numel()]
             return p[idx.to(p.device), :nb]
-        out = torch.zeros(idx.numel(), nb, self.d, dtype=self.dtype, device=self.device)
+        out = torch.empty(idx.numel(), nb, self.d, dtype=self.dtype, device=self.device)  # padding never read
         for j, i in enumerate(idx.tolist()):
             t = self.items[i]
             out[j, : t.shape[0]] = t
@@ -191,7 +191,8 @@ def _check_lengths(lengths, b: int, n_max: int, name: str) -> torch.Tensor:
 
 def _buckets(lengths: torch.Tensor, d: int, copy_itemsize: int):
     """(idx, nb) chunks: items sorted by length, bucketed (nb ≤ max(1.25·shortest, shortest + 16)), cut so a
-    chunk's float64 Grams and input copy stay under _CHUNK_BYTES."""
+    chunk's float64 Grams (with the centring's temporaries, 3 of them) and its input copy each stay under
+    _CHUNK_BYTES / 2."""
     order = torch.argsort(lengths, stable=True)
     ls = lengths[order].tolist()
     i, n = 0, len(ls)
@@ -201,8 +202,7 @@ def _buckets(lengths: torch.Tensor, d: int, copy_itemsize: int):
         while j < n and ls[j] <= top:
             j += 1
         nb = ls[j - 1]
-        per_item = 3 * nb * nb * 8 + nb * d * copy_itemsize
-        step = max(1, _CHUNK_BYTES // per_item)
+        step = max(1, min(_CHUNK_BYTES // 2 // (3 * nb * nb * 8), _CHUNK_BYTES // 2 // max(1, nb * d * copy_itemsize)))
         for k in range(i, j, step):
             idx = order[k: min(j, k + step)]
             yield torch.sort(idx).values, nb

@@ -6,3 +6,4 @@
 #define RANKME_NJ 3
 #include "gram_kernel.inl"
 #include "normal_kernel.inl"
+#include "rowgram_kernel.inl"

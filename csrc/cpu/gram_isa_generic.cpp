@@ -4,3 +4,4 @@
 #define RANKME_NJ 1
 #include "gram_kernel.inl"
 #include "normal_kernel.inl"
+#include "rowgram_kernel.inl"

@@ -194,3 +194,112 @@ def sum_squares(x: torch.Tensor, *, col_shift: Optional[torch.Tensor] = None, nu
     sr, sc = x.stride()
     return float(mod.sum_squares(x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, sr, sc,
                                  _vec(col_shift, cols, "col_shift"), nt))
+
+
+def _batch_buffer(t: Optional[torch.Tensor], shape, what: str, *, writable: bool) -> tuple:
+    """(data_ptr, strides) of an optional float64 CPU tensor of exactly ``shape``; (0, zeros) for None.
+    Output buffers must be contiguous (their blocks are written by different threads)."""
+    if t is None:
+        return 0, (0,) * len(shape)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{what} must be a CPU tensor, got one on {t.device}")
+    if t.dtype != torch.float64:
+        raise ValueError(f"{what} must be float64, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{what} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if writable:
+        if not t.is_contiguous():
+            raise ValueError(f"{what} must be contiguous (strides {t.stride()})")
+        # the row-major strides (is_contiguous ignores the reported stride of a size-1 dim)
+        st = [1] * len(shape)
+        for k in range(len(shape) - 2, -1, -1):
+            st[k] = st[k + 1] * max(int(shape[k + 1]), 1)
+        return t.data_ptr(), tuple(st)
+    return t.data_ptr(), t.stride()
+
+
+def row_gram_batch(
+    x: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    lengths: Optional[torch.Tensor] = None,
+    row_sum: Optional[torch.Tensor] = None,
+    row_shift: Optional[torch.Tensor] = None,
+    col_shift: Optional[torch.Tensor] = None,
+    num_threads: Optional[int] = None,
+    _kernel: int = 0,
+    _block: int = 0,
+) -> None:
+    """Per-item float64 Gram of the ROWS of a batch of short-fat items, added in place.
+
+    For item ``b`` with ``L = lengths[b]`` (``n_max`` when ``lengths`` is None) and
+    ``V[i, j] = float64(x[b, i, j]) - row_shift[b, i] - col_shift[b, j]`` (i < L, all j < d)::
+
+        gram[b, :L, :L] += V @ V.T        # both triangles, float64 accumulation
+        row_sum[b, :L]  += V.sum(1)       # if row_sum is given
+
+    Entries outside ``[:L]`` are never written and rows ``i >= L`` of ``x`` are never read (padding
+    may hold NaN). The upcast is fused into the kernel: nothing is copied, for any strides of ``x``
+    (the last dim contiguous is the fast path; other strides are gathered element by element and give
+    bit-identical results). Threads take whole items (biggest first), so the result's bits do not
+    depend on ``num_threads``; a batch smaller than the thread count runs on fewer threads.
+
+    Args:
+        x: (B, n_max, d) float64/float32/float16/bfloat16 CPU tensor, any strides.
+        gram: contiguous float64 CPU tensor of shape (B, n_max, n_max), updated in place.
+        lengths: optional int64 CPU tensor (B,) with 0 <= lengths[b] <= n_max (copied if not contiguous).
+        row_sum: optional contiguous float64 CPU tensor (B, n_max), updated in place.
+        row_shift: optional float64 CPU tensor (B, n_max), any strides (an ``expand`` is fine).
+        col_shift: optional float64 CPU tensor (B, d), any strides (e.g. ``mu.expand(B, d)``).
+        num_threads: kernel threads (None: the default, see ``threads()``).
+        _kernel, _block: test/tuning hooks (0 = automatic; _kernel 1 = row-pair dot kernel, 2 = panel kernel).
+    """
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"native CPU backend unavailable: {_error}")
+    nt = threads(num_threads)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"x must be a 3-D (B, n_max, d) tensor, got shape {tuple(x.shape)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU tensor for the native backend, got one on {x.device}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"x: native CPU backend does not support dtype {x.dtype}")
+    B, n, d = x.shape
+    if not isinstance(gram, torch.Tensor):
+        raise TypeError(f"gram must be a torch.Tensor, got {type(gram).__name__}")
+    g_ptr, g_st = _batch_buffer(gram, (B, n, n), "gram", writable=True)
+    rs_ptr, rs_st = _batch_buffer(row_sum, (B, n), "row_sum", writable=True)
+    rsh_ptr, rsh_st = _batch_buffer(row_shift, (B, n), "row_shift", writable=False)
+    csh_ptr, csh_st = _batch_buffer(col_shift, (B, d), "col_shift", writable=False)
+    len_ptr = 0
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor):
+            raise TypeError(f"lengths must be an int64 torch.Tensor or None, got {type(lengths).__name__}")
+        if lengths.device.type != "cpu":
+            raise ValueError(f"lengths must be a CPU tensor, got one on {lengths.device}")
+        if lengths.dtype != torch.int64:
+            raise TypeError(f"lengths must be int64, got {lengths.dtype}")
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+        lengths = lengths.contiguous()
+        if B > 0:
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 0 or hi > n:
+                raise ValueError(f"lengths must lie in [0, n_max={n}], got values in [{lo}, {hi}]")
+        len_ptr = lengths.data_ptr()
+    if isinstance(_kernel, bool) or _kernel not in (0, 1, 2):
+        raise ValueError(f"_kernel must be 0, 1 or 2, got {_kernel!r}")
+    if isinstance(_block, bool) or not isinstance(_block, int) or _block < 0:
+        raise ValueError(f"_block must be a non-negative int, got {_block!r}")
+    if B == 0 or n == 0 or d == 0:
+        return
+    sb, sr, sc = x.stride()
+    mod.row_gram_batch(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], B, n, d, sb, sr, sc,
+        len_ptr, rsh_ptr, rsh_st[0], rsh_st[1], csh_ptr, csh_st[0], csh_st[1],
+        g_ptr, g_st[0], g_st[1], rs_ptr, rs_st[0], nt, _block, _kernel,
+    )

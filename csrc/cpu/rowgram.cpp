@@ -1,0 +1,294 @@
+// Driver of the batched row Gram (rankme/rowgram.h): validation, per-thread scratch, item scheduling,
+// the choice of kernel per item and the write-back of both triangles.
+//
+// Schedule: the items with L > 0 are ordered by decreasing L (ties by index) and handed out one at a
+// time from an atomic counter, so a thread that gets less of a core takes fewer items and the big ones
+// do not end up last. Each item is computed start to finish by one thread, in a fixed order, so the
+// bits do not depend on the schedule or the thread count. No more threads start than there are items
+// (a single item runs on one thread: its work is not split).
+//
+// Kernels (per item, by L):
+//  * dot (L <= kDotMaxRows): the item (or a chunk of its features, L x chunk doubles in L2) is upcast
+//    and shifted row by row into a scratch block, then, in slices of W features (L x W doubles in
+//    L1), every row pair i <= j is accumulated by register tiles (5x5 rows on AVX-512) into per-pair
+//    vectors along the features; the lanes are summed once per item. Only the L(L+1)/2 useful pairs
+//    are computed.
+//  * panel (larger L): blocks of features are packed (upcast, shifted, transposed) into the streaming
+//    Gram's 8-row panels and multiplied by its micro-kernel into a per-thread Lp x Lp scratch, which is
+//    added into the item's gram block at the end.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "gram_internal.h"
+#include "rankme/gram.h"
+#include "rankme/rowgram.h"
+#include "rankme/threads.h"
+#include "rowgram_internal.h"
+
+namespace rankme {
+
+namespace {
+
+const RowGramTable& select_rowgram() {
+  const std::string isa = gram_isa();  // the streaming Gram's choice (honours RANKME_FAST_DISABLE_AVX512)
+#if defined(RANKME_HAVE_X86_VARIANTS)
+  if (isa == "avx512") return avx512::rowgram_table;
+  if (isa == "avx2") return avx2::rowgram_table;
+#endif
+  return generic::rowgram_table;
+}
+
+const RowGramTable& rowgram_kernels() {
+  static const RowGramTable& t = select_rowgram();
+  return t;
+}
+
+// Items up to this many rows use the dot kernel, longer ones the panel kernel (measured at d=4096 bf16,
+// one thread: L=24 dot 54 / panel 40 GFLOP/s, L=32 44 / 47, L=48 44 / 58).
+constexpr int64_t kDotMaxRows = 30;
+// Panel kernel: features per packed block (a 512 x 8 panel is 32 KiB, L1-resident while it sweeps).
+constexpr int64_t kPanelBlock = 512;
+
+// Dot kernel: features per register-tile sweep, so that the L x W slice stays around 24 KiB of L1.
+int64_t dot_block(int64_t rows, int64_t want) {
+  if (want > 0) return (want + 7) / 8 * 8;
+  const int64_t w = (int64_t(3072) / std::max<int64_t>(rows, 1)) / 64 * 64;
+  return std::min<int64_t>(1024, std::max<int64_t>(64, w));
+}
+
+// Dot kernel: features converted at a time (a multiple of 64), the whole item while L x d doubles fit
+// in 384 KiB of L2, so each row is read as one long contiguous run. (Converting one L x W slice at a
+// time, L1-resident, measured the same within noise once the software prefetch was in.)
+int64_t dot_chunk(int64_t rows, int64_t dim) {
+  const int64_t f = std::max<int64_t>(64, (int64_t(49152) / std::max<int64_t>(rows, 1)) / 64 * 64);
+  return std::min<int64_t>(f, (dim + 63) / 64 * 64);
+}
+
+size_t elem_size(DType t) {
+  switch (t) {
+    case DType::kFloat64: return 8;
+    case DType::kFloat32: return 4;
+    default: return 2;
+  }
+}
+
+struct Buf {
+  double* p = nullptr;
+  bool alloc(size_t n) {
+    if (n == 0) return true;
+    p = static_cast<double*>(::operator new[](n * sizeof(double), std::align_val_t(64), std::nothrow));
+    return p != nullptr;
+  }
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  Buf(Buf&& o) noexcept : p(o.p) { o.p = nullptr; }
+  ~Buf() {
+    if (p) ::operator delete[](p, std::align_val_t(64));
+  }
+};
+
+// Software prefetch of the next item's rows (into L2), a few lines at a time between pieces of work
+// (one burst would overflow the miss queues). Rows of short items are too short a run for the
+// hardware prefetchers to get up to speed (measured, 10,000 items of 10 x 4096 bf16 on 2 threads:
+// about 57 -> 50 ms on top of the in-row prefetch of the kernels).
+struct Prefetcher {
+  const char* base = nullptr;
+  int64_t rows = 0, row_bytes = 0, stride_bytes = 0;
+  int64_t row = 0, off = 0;
+  int64_t lines() const { return base ? rows * ((row_bytes + 63) / 64) : 0; }
+  void step(int64_t n) {
+    if (!base) return;
+    if (stride_bytes == row_bytes) {  // contiguous rows: one run
+      const int64_t end = std::min(off + 64 * n, rows * row_bytes);
+      for (; off < end; off += 64) __builtin_prefetch(base + off, 0, 2);
+      return;
+    }
+    for (; n > 0 && row < rows; --n) {
+      __builtin_prefetch(base + row * stride_bytes + off, 0, 2);
+      off += 64;
+      if (off >= row_bytes) { off = 0; ++row; }
+    }
+  }
+};
+
+struct Scratch {
+  Buf s, vacc, pack, g, rsh, csh, rs;
+};
+
+}  // namespace
+
+Status row_gram_batch(const RowGramArgs& a) {
+  if (a.batch < 0 || a.n_max < 0 || a.dim < 0) return kInvalidArgument;
+  if (static_cast<int>(a.dtype) < 0 || static_cast<int>(a.dtype) > 3) return kUnsupportedDtype;
+  if (a.kernel < 0 || a.kernel > 2 || a.block_cols < 0) return kInvalidArgument;
+  if (a.batch == 0 || a.n_max == 0) return kOk;
+  if (!a.gram || a.ldg < a.n_max) return kInvalidArgument;
+  const int64_t block_span = (a.n_max - 1) * a.ldg + a.n_max;  // elements one gram block reaches
+  if (a.batch > 1 && std::llabs(a.gram_stride_b) < block_span) return kInvalidArgument;
+  if (a.row_sum && a.batch > 1 && std::llabs(a.row_sum_stride_b) < a.n_max) return kInvalidArgument;
+  if (a.lengths)
+    for (int64_t b = 0; b < a.batch; ++b)
+      if (a.lengths[b] < 0 || a.lengths[b] > a.n_max) return kInvalidArgument;
+  if (a.dim == 0) return kOk;  // V has no columns: nothing to add
+  if (!a.x) return kInvalidArgument;
+
+  const RowGramTable& k = rowgram_kernels();
+  const int vl = k.vl_doubles;
+  auto use_dot = [&](int64_t L) { return a.kernel == 1 || (a.kernel == 0 && L <= kDotMaxRows); };
+
+  try {
+    // items with rows, biggest first (ties by index): the order is fixed, only who takes what varies
+    std::vector<std::pair<int64_t, int64_t>> items;  // (-L, b)
+    items.reserve(static_cast<size_t>(a.batch));
+    int64_t max_dot = 0, max_panel = 0, max_len = 0;
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const int64_t L = a.lengths ? a.lengths[b] : a.n_max;
+      if (L == 0) continue;
+      items.emplace_back(-L, b);
+      max_len = std::max(max_len, L);
+      if (use_dot(L)) max_dot = std::max(max_dot, L);
+      else max_panel = std::max(max_panel, L);
+    }
+    if (items.empty()) return kOk;
+    std::sort(items.begin(), items.end());
+    const int64_t nitems = static_cast<int64_t>(items.size());
+
+    const int64_t wpn = a.block_cols > 0 ? a.block_cols : kPanelBlock;
+    const int64_t lp = padded_size(max_panel);
+    const bool need_csh = a.col_shift && a.col_shift_stride_c != 1;
+
+    int nt = std::min(std::max(1, a.num_threads), kMaxThreads);
+    nt = static_cast<int>(std::min<int64_t>(nt, nitems));
+
+    std::vector<Scratch> scratch;
+    bool oom = false;
+    auto prepare = [&](int n) {
+      scratch.resize(static_cast<size_t>(n));
+      for (Scratch& sc : scratch) {
+        bool ok = true;
+        if (max_dot) {
+          // the largest L x chunk(L) block any dot item uses
+          size_t s_elems = 0;
+          for (int64_t L = 1; L <= max_dot; ++L) s_elems = std::max(s_elems, size_t(L) * size_t(dot_chunk(L, a.dim)));
+          ok = ok && sc.s.alloc(s_elems) && sc.vacc.alloc(size_t(max_dot) * size_t(max_dot) * size_t(vl));
+        }
+        if (max_panel) ok = ok && sc.pack.alloc(size_t(wpn) * size_t(lp)) && sc.g.alloc(size_t(lp) * size_t(lp));
+        if (a.row_shift) ok = ok && sc.rsh.alloc(size_t(max_len));
+        if (need_csh) ok = ok && sc.csh.alloc(size_t(a.dim));
+        if (a.row_sum) ok = ok && sc.rs.alloc(size_t(max_len));
+        if (!ok) oom = true;
+      }
+    };
+
+    std::atomic<int64_t> next{0};
+    const size_t esz = elem_size(a.dtype);
+    auto work = [&](int t, int) {
+      if (oom) return;
+      Scratch& sc = scratch[static_cast<size_t>(t)];
+      // One item of lookahead: the next item is claimed when this one starts, so its rows can be
+      // prefetched while this one computes (the claim order, not the schedule, changes; every item
+      // is still computed by one thread).
+      int64_t qn = next.fetch_add(1, std::memory_order_relaxed);
+      while (qn < nitems) {
+        const int64_t q = qn;
+        qn = next.fetch_add(1, std::memory_order_relaxed);
+        Prefetcher pf;
+        if (qn < nitems && a.stride_c == 1) {
+          const int64_t bn = items[static_cast<size_t>(qn)].second;
+          pf.base = static_cast<const char*>(a.x) + bn * a.stride_b * static_cast<int64_t>(esz);
+          pf.rows = -items[static_cast<size_t>(qn)].first;
+          pf.row_bytes = a.dim * static_cast<int64_t>(esz);
+          pf.stride_bytes = a.stride_r * static_cast<int64_t>(esz);
+        }
+        const int64_t L = -items[static_cast<size_t>(q)].first;
+        const int64_t b = items[static_cast<size_t>(q)].second;
+        RowItem it;
+        it.x = static_cast<const char*>(a.x) + b * a.stride_b * static_cast<int64_t>(esz);
+        it.dtype = a.dtype;
+        it.rows = L;
+        it.cols = a.dim;
+        it.stride_r = a.stride_r;
+        it.stride_c = a.stride_c;
+        if (a.row_shift) {
+          const double* r = a.row_shift + b * a.row_shift_stride_b;
+          for (int64_t i = 0; i < L; ++i) sc.rsh.p[i] = r[i * a.row_shift_stride_r];
+          it.row_shift = sc.rsh.p;
+        }
+        if (a.col_shift) {
+          const double* c = a.col_shift + b * a.col_shift_stride_b;
+          if (need_csh) {
+            for (int64_t j = 0; j < a.dim; ++j) sc.csh.p[j] = c[j * a.col_shift_stride_c];
+            it.col_shift = sc.csh.p;
+          } else {
+            it.col_shift = c;
+          }
+        }
+        double* rs = nullptr;
+        if (a.row_sum) {
+          rs = sc.rs.p;
+          std::fill(rs, rs + L, 0.0);
+        }
+        double* gb = a.gram + b * a.gram_stride_b;
+        if (use_dot(L)) {
+          const int64_t w = dot_block(L, a.block_cols), fc = dot_chunk(L, a.dim);
+          double* vacc = sc.vacc.p;
+          for (int64_t i = 0; i < L; ++i) std::fill(vacc + (i * L + i) * vl, vacc + (i * L + L) * vl, 0.0);
+          for (int64_t f0 = 0; f0 < a.dim; f0 += fc) {
+            const int64_t ww = std::min(fc, a.dim - f0), wp = (ww + 7) / 8 * 8;
+            k.convert(it, f0, ww, sc.s.p, fc, rs);
+            const int64_t per = pf.lines() / std::max<int64_t>(1, (a.dim + w - 1) / w) + 1;
+            for (int64_t w0 = 0; w0 < wp; w0 += w) {
+              pf.step(per);
+              k.dot(sc.s.p + w0, fc, L, std::min(w, wp - w0), vacc);
+            }
+          }
+          for (int64_t i = 0; i < L; ++i) {
+            for (int64_t j = i; j < L; ++j) {
+              const double* v = vacc + (i * L + j) * vl;
+              double s = 0.0;
+              for (int l = 0; l < vl; ++l) s += v[l];
+              gb[i * a.ldg + j] += s;
+              if (j != i) gb[j * a.ldg + i] += s;
+            }
+          }
+        } else {
+          const int64_t np = padded_size(L) / kPanel, ldl = np * kPanel;
+          double* g = sc.g.p;
+          for (int64_t i = 0; i < ldl; ++i) std::fill(g + i * ldl + i / kPanel * kPanel, g + (i + 1) * ldl, 0.0);
+          for (int64_t f0 = 0; f0 < a.dim; f0 += wpn) {
+            const int64_t ww = std::min(wpn, a.dim - f0);
+            k.pack(it, f0, ww, sc.pack.p, rs);
+            k.tiles(sc.pack.p, ww, np, 0, np, g, ldl);
+          }
+          for (int64_t i = 0; i < L; ++i) {
+            gb[i * a.ldg + i] += g[i * ldl + i];
+            for (int64_t j = i + 1; j < L; ++j) {
+              const double s = g[i * ldl + j];
+              gb[i * a.ldg + j] += s;
+              gb[j * a.ldg + i] += s;
+            }
+          }
+        }
+        if (rs) {
+          double* out = a.row_sum + b * a.row_sum_stride_b;
+          for (int64_t i = 0; i < L; ++i) out[i] += rs[i];
+        }
+      }
+    };
+    run_threads(nt, prepare, work);
+    if (oom) return kOutOfMemory;
+  } catch (const std::bad_alloc&) {  // the item list or the scratch table: nothing was written
+    return kOutOfMemory;
+  }
+  return kOk;
+}
+
+}  // namespace rankme

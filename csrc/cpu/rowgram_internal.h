@@ -1,0 +1,48 @@
+// Shared between the per-ISA row-Gram kernels (rowgram_kernel.inl, compiled once per instruction set
+// through gram_isa_*.cpp) and their driver (rowgram.cpp).
+#pragma once
+#include <cstdint>
+
+#include "gram_internal.h"
+#include "rankme/rowgram.h"
+
+namespace rankme {
+
+// One item as the kernels see it: rows [0, rows) of a (rows, cols) matrix with element strides,
+// already offset to the item; row_shift (rows) and col_shift (cols) contiguous or null.
+struct RowItem {
+  const void* x = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t stride_r = 0;
+  int64_t stride_c = 1;
+  const double* row_shift = nullptr;
+  const double* col_shift = nullptr;
+};
+
+// Features [f0, f0 + w) of every row, upcast and shifted, into s (row i at s + i*ld), zero-filled up to
+// wp = round_up(w, 8) <= ld; row_sum[i] += sum of the row's w values.
+using RowConvertFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* s, int64_t ld, double* row_sum);
+// vacc[(i*rows + j)*vl .. +vl) += lane-wise partial dot products of rows i <= j of s over wp columns
+// (wp a multiple of 8); the lanes are summed by the driver once per item.
+using RowDotFn = void (*)(const double* s, int64_t ld, int64_t rows, int64_t wp, double* vacc);
+// Features [f0, f0 + w) packed as the Gram kernel's panels (panel p, feature f, lane m =
+// V[8p + m, f0 + f]; lanes of rows >= rows are zero), row_sum[i] += sum of the row's w values.
+using RowPackFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* pack, double* row_sum);
+
+struct RowGramTable {
+  RowConvertFn convert;
+  RowDotFn dot;
+  RowPackFn pack;
+  TilesFn tiles;  // the streaming Gram's upper-triangle tiles (gram_kernel.inl)
+  int vl_doubles;
+};
+
+namespace generic { extern const RowGramTable rowgram_table; }
+#if defined(RANKME_HAVE_X86_VARIANTS)
+namespace avx2 { extern const RowGramTable rowgram_table; }
+namespace avx512 { extern const RowGramTable rowgram_table; }
+#endif
+
+}  // namespace rankme
