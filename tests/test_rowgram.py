@@ -247,7 +247,7 @@ print("ok")
     import rankme_fast
     root = str(Path(__file__).resolve().parents[1])
     pkg = str(Path(rankme_fast.__file__).resolve().parents[1])
-    r = run_python(code, tmp_path, env_extra={"RANKME_FAST_DISABLE_AVX512": "1", "PYTHONPATH": root + os.pathsep + pkg})
+    r = run_python(code, tmp_path, env_extra={"RANKME_FAST_DISABLE_AVX512": "1", "PYTHONPATH": pkg + os.pathsep + root})  # the installed package (with its .so) first
     assert "ok" in r.stdout
 
 
