@@ -8,18 +8,10 @@
 
 namespace rankme {
 
-// One item as the kernels see it: rows [0, rows) of a (rows, cols) matrix with element strides,
-// already offset to the item; row_shift (rows) and col_shift (cols) contiguous or null.
-struct RowItem {
-  const void* x = nullptr;
-  DType dtype = DType::kFloat32;
-  int64_t rows = 0;
-  int64_t cols = 0;
-  int64_t stride_r = 0;
-  int64_t stride_c = 1;
-  const double* row_shift = nullptr;
-  const double* col_shift = nullptr;
-};
+// One item as the kernels see it: rows [0, rows) of a (rows, cols) matrix with element strides, already
+// offset to the item; row_shift (rows) and col_shift (cols) contiguous or null. The streaming Gram's
+// argument block (its gram / ldg / col_sum / threads fields are unused here).
+using RowItem = GramArgs;
 
 // Features [f0, f0 + w) of every row, upcast and shifted, into s (row i at s + i*ld), zero-filled up to
 // wp = round_up(w, 8) <= ld; row_sum[i] += sum of the row's w values.
