@@ -202,7 +202,10 @@ def _buckets(lengths: torch.Tensor, d: int, copy_itemsize: int):
         while j < n and ls[j] <= top:
             j += 1
         nb = ls[j - 1]
-        step = max(1, min(_CHUNK_BYTES // 2 // (3 * nb * nb * 8), _CHUNK_BYTES // 2 // max(1, nb * d * copy_itemsize)))
+        step = _CHUNK_BYTES // 2 // (3 * nb * nb * 8)
+        if copy_itemsize:
+            step = min(step, _CHUNK_BYTES // 2 // (nb * d * copy_itemsize))
+        step = max(1, step)
         for k in range(i, j, step):
             idx = order[k: min(j, k + step)]
             yield torch.sort(idx).values, nb
@@ -244,7 +247,7 @@ def _grams(x: torch.Tensor, lens: torch.Tensor, center: Optional[str], items: _I
     raw_diag = torch.diagonal(g, dim1=1, dim2=2).clone()
     vf = valid.to(device=g.device, dtype=torch.float64)
     if center == "features":
-        g = g - rs[:, :, None] * rs[:, None, :] / d
+        g.baddbmm_(rs[:, :, None], rs[:, None, :], alpha=-1.0 / d)  # in place: G − r rᵀ/d
     elif center == "tokens":
         m = vf / lens.to(device=g.device, dtype=torch.float64)[:, None]
         c = (g @ m[:, :, None]).squeeze(-1)  # c_i = mean_j G_ij over the valid j
@@ -274,6 +277,8 @@ def _each_chunk(x: Any, lengths: Any, name: str, center: Optional[str], fn):
     copy_isz = torch.empty((), dtype=items.dtype).element_size()
     if items.device.type != "cpu" or _native() is None:
         copy_isz += 8  # the float64 copy of the chunk
+    elif items.padded is not None and bool((items.lengths == items.padded.shape[1]).all()):
+        copy_isz = 0  # every chunk is a view of consecutive items (no copy): only the Grams bound a chunk
     for idx, nb in _buckets(items.lengths, items.d, copy_isz):
         lens = items.lengths[idx]
         xc = items.gather(idx, nb)
@@ -283,12 +288,14 @@ def _each_chunk(x: Any, lengths: Any, name: str, center: Optional[str], fn):
     return items, out
 
 
-def _logdet_mean(m: torch.Tensor, valid: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """Mean over each item's L valid rows of ln λ(M) for SPD valid blocks (padding: unit diagonal)."""
-    m = m.clone()
-    pad = ~valid
+def _logdet_mean(g: torch.Tensor, ridge: float, valid: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Mean over each item's L valid rows of ln λ(G + ridge·I) for SPD valid blocks; overwrites ``g``
+    (the padding's diagonal becomes 1, so its rows add ln 1 = 0)."""
+    m = g
     di = torch.diagonal(m, dim1=1, dim2=2)
-    di[pad] = 1.0
+    di.add_(ridge)
+    if not bool(valid.all()):
+        di.masked_fill_(~valid, 1.0)
     with dense_step(m):
         chol, info = torch.linalg.cholesky_ex(m)
     if bool((info != 0).any()):  # not numerically SPD (α below rounding of the Gram): the eigenvalues
@@ -326,13 +333,13 @@ def eigenscore(x: Any, *, alpha: float = 1e-3, convention: str = "inside", lengt
         raise ValueError(f"convention must be one of {EIGENSCORE_CONVENTIONS}, got {convention!r}")
 
     def fn(g, valid, lens, raw, idx, d):
-        if convention != "lm-polygraph":
-            if d < 2:
-                raise ValueError(f"eigenscore needs d >= 2 features to form a covariance, got d = {d} "
-                                 "(convention='lm-polygraph' has no 1/(d - 1))")
-            g = g / (d - 1)
-        m = g + a * torch.diag_embed(valid.to(g.dtype))
-        v = _logdet_mean(m, valid, lens)
+        if convention == "lm-polygraph":
+            return _logdet_mean(g, a, valid, lens)
+        if d < 2:
+            raise ValueError(f"eigenscore needs d >= 2 features to form a covariance, got d = {d} "
+                             "(convention='lm-polygraph' has no 1/(d - 1))")
+        # ln det(G/(d−1) + αI)/L = ln det(G + α(d−1)I)/L − ln(d−1): no scaled copy of the Grams
+        v = _logdet_mean(g, a * (d - 1), valid, lens) - math.log(d - 1)
         return v / math.log(10.0) if convention == "inside" else v
 
     items, out = _each_chunk(x, lengths, "x", "features", fn)
@@ -345,7 +352,7 @@ def llm_check_hidden_score(x: Any, *, alpha: float = 1e-3, lengths: Any = None):
     a = _check_alpha(alpha)
 
     def fn(g, valid, lens, raw, idx, d):
-        return _logdet_mean(g + a * torch.diag_embed(valid.to(g.dtype)), valid, lens)
+        return _logdet_mean(g, a, valid, lens)
 
     items, out = _each_chunk(x, lengths, "x", "features", fn)
     return items.out(out)

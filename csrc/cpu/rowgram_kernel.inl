@@ -32,7 +32,11 @@ typedef int32_t p8i __attribute__((vector_size(8 * sizeof(int32_t))));
 typedef uint64_t p8q __attribute__((vector_size(8 * sizeof(uint64_t))));
 typedef int64_t p8l __attribute__((vector_size(8 * sizeof(int64_t))));
 
-RANKME_RG_INLINE void store8(double* p, p8d v) { std::memcpy(p, &v, sizeof v); }
+// A double-typed unaligned vector store: memcpy would be a char store, which may alias anything (the
+// compiler then reloads every pointer it holds in memory, e.g. a lambda's captures, after each store;
+// measured 3.2 -> 2.5 cycles per group of 8 in an L1-resident conversion).
+typedef double p8du __attribute__((vector_size(8 * sizeof(double)), aligned(8)));
+RANKME_RG_INLINE void store8(double* p, p8d v) { *reinterpret_cast<p8du*>(p) = v; }
 RANKME_RG_INLINE double sum8(p8d v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
@@ -152,7 +156,7 @@ static void convert_rows(const RowItem& it, int64_t f0, int64_t w, double* __res
   for (int64_t i = 0; i < it.rows; ++i) {
     double* __restrict dst = s + i * ld;
     const double rs = convert_row<T, RS, CS, SUM>(
-        it, i, f0, w, [&](int64_t c, p8d v, int) __attribute__((always_inline)) { store8(dst + c, v); });
+        it, i, f0, w, [dst](int64_t c, p8d v, int) __attribute__((always_inline)) { store8(dst + c, v); });
     if (SUM) row_sum[i] += rs;
   }
 }
