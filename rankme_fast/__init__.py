@@ -6,6 +6,7 @@
 >>> s = rf.spectrum(z, center=True)   # one decomposition, every metric
 >>> s.collapse_auc(), s.alpha_req()
 >>> rf.score("shards/", metrics="rankme,collapse_auc")   # files larger than RAM, streamed
+>>> rf.compare(["ckpt_10.npy", "ckpt_20.npy"], labels={"ckpt_10.npy": 71.2, "ckpt_20.npy": 74.0})
 >>> acc = rf.GramAccumulator(); acc.update(batch); acc.all_reduce(); acc.rankme()
 
 Importing loads no native code; the C++ kernel is loaded on first use (see ``show_config()``).
@@ -29,6 +30,7 @@ try:  # torch and the modules load here; a Ctrl-C meanwhile, in the CLI, exits 1
     from .api import alpha_req, collapse_auc, effective_rank, nesum, participation_ratio, rankme, spectrum, stable_rank
     from .structured import lidar
     from .llm import alpha_entropy, diff_erank, eigenscore, erank, llm_check_hidden_score, matrix_entropy
+    from .compare import CompareResult, compare
     from .bench import BenchResult, bench  # the module stays importable as sys.modules["rankme_fast.bench"]
 except KeyboardInterrupt:
     if not _run_as_cli():
@@ -41,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ApproxSpectrum",
     "BenchResult",
+    "CompareResult",
     "GramAccumulator",
     "ScoreResult",
     "Spectrum",
@@ -48,6 +51,7 @@ __all__ = [
     "alpha_req",
     "bench",
     "collapse_auc",
+    "compare",
     "diff_erank",
     "effective_rank",
     "eigenscore",

@@ -1,6 +1,8 @@
 """show_config(): what was built, what this machine offers, what will be used."""
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -26,6 +28,63 @@ def kernel_isa() -> str:
     """The instruction set of the native CPU kernel that runs here ("none" without the extension)."""
     mod = backends.cpu.load()
     return mod.gram_isa() if mod else "none"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module in sys.modules without a __spec__
+        return False
+
+
+def optional_package(module: str, install: str, use: str = "") -> str:
+    """"<module> <version> installed[ (<use>)]" when ``module`` is importable, else
+    "missing — <install>" (found without importing it: ``info`` stays cheap)."""
+    if not _importable(module):
+        return f"missing — {install}"
+    try:
+        version = importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:  # importable from a path without package metadata
+        version = "(version unknown)"
+    return f"{module} {version} installed" + (f" ({use})" if use else "")
+
+
+def cuda_device_status() -> str:
+    """Whether torch sees a CUDA device and, where it does not, why: a CPU build of torch, or a CUDA
+    build with no device visible (no GPU, no driver, or ``CUDA_VISIBLE_DEVICES`` hiding them)."""
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        name = torch.cuda.get_device_name(torch.cuda.current_device())
+        return f"{n} CUDA device{'s' if n != 1 else ''} visible (current: {name})"
+    hip = getattr(torch.version, "hip", None)
+    if torch.version.cuda is None and not hip:
+        return f"no CUDA device (torch {torch.__version__} is a CPU build)"
+    build = f"ROCm {hip}" if hip else f"CUDA {torch.version.cuda}"
+    return f"no CUDA device visible (torch {torch.__version__} is built for {build})"
+
+
+_TRITON_INSTALL = "pip install 'rankme_fast[gpu]'"
+
+
+def _backend_lines() -> dict:
+    """One line per backend. torch and cpu: as they run on CPU tensors. cuda and triton: as they run on
+    the current CUDA device, or — without one — why there is none (saying that the CUDA kernels cannot
+    read CPU memory would be true but answers no question a user has)."""
+    out = backends.describe()
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+        for name in ("cuda", "triton"):
+            ok, why = backends.BACKENDS[name].available(dev)
+            out[name] = f"available on {dev}" + (f" ({why})" if why else "") if ok else f"unavailable on {dev}: {why}"
+        if not _importable("triton"):
+            out["triton"] += "; triton " + optional_package("triton", _TRITON_INSTALL)
+        return out
+    none = cuda_device_status()
+    out["cuda"] = none
+    if not out["triton"].startswith("available"):  # TRITON_INTERPRET=1 makes it available on CPU
+        have = optional_package("triton", _TRITON_INSTALL, "TRITON_INTERPRET=1 runs its kernels on CPU")
+        out["triton"] = f"{none}; " + (have if have.startswith("triton") else "triton " + have)
+    return out
 
 
 def config() -> dict:
@@ -62,19 +121,14 @@ def config() -> dict:
             info["cuda_extension"] = f"built but not importable ({exc})"
     else:
         info["cuda_extension"] = "not built"
-    info["backends"] = backends.describe()
-    import importlib.util
-
-    def _opt(mod: str, note: str) -> str:
-        return ("available" if importlib.util.find_spec(mod) else "not installed") + f" ({note})"
-
+    info["backends"] = _backend_lines()
     info["file_formats"] = {
         ".npy": "built in (memory-mapped)",
         ".safetensors": "built in (header parsed by rankme_fast; bfloat16 supported)",
         ".pt/.pth": "built in (torch.load weights_only=True)",
-        ".h5/.hdf5": _opt("h5py", "pip install 'rankme_fast[hdf5]'"),
-        ".zarr": _opt("zarr", "pip install 'rankme_fast[zarr]'"),
-        "progress bar": _opt("tqdm", "shown on stderr when it is a terminal"),
+        ".h5/.hdf5": optional_package("h5py", "pip install 'rankme_fast[hdf5]'"),
+        ".zarr": optional_package("zarr", "pip install 'rankme_fast[zarr]'"),
+        "progress bar": optional_package("tqdm", "pip install tqdm", "shown on stderr when it is a terminal"),
     }
     env = os.environ.get(backends.ENV_VAR)
     try:
@@ -96,7 +150,7 @@ def config() -> dict:
         except (RuntimeError, ValueError) as exc:
             info["backend_for_cuda_tensors"] = f"error: {exc}"
     else:
-        info["gpu"] = "none visible to torch"
+        info["gpu"] = cuda_device_status()
     return info
 
 

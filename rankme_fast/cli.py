@@ -1,8 +1,10 @@
 """``rankme-fast`` command line.
 
 ``score PATH...``  metrics of embedding files (each PATH — a file, a shard directory or a quoted glob —
-                   is one matrix), streamed with O(d²) memory; a table, or one JSON object per PATH per
-                   line with ``--json``.
+                   is one matrix; ``--each`` scores every file separately), streamed with O(d²) memory; a
+                   table, or one JSON object per PATH per line with ``--json``; ``--plot``, ``--convergence``,
+                   ``--keep-going``; under ``torchrun`` the reading is split across the ranks.
+``compare PATH...`` one model per PATH: a ranked table, correlations with ``--labels``, ``--plot``.
 ``bench [PATH]``   race every strategy and peer's route (time, memory, accuracy) on PATH or on a
                    synthetic matrix with a known spectrum; a table, ``--json``, ``--csv``, ``--plot``.
 ``info``           build configuration and backends (= ``rankme_fast.show_config()``).
@@ -45,7 +47,7 @@ def _demo(args) -> int:
         print(f"{kind:<10} {truth:12.6f} {got:12.6f} {err:9.1e} {dt * 1e3:6.1f}ms {naive:12.6f} "
               f"{abs(naive - truth) / truth:9.1e}")
     s = rf.spectrum(make_embeddings(n, d, "power1", seed=0), center=True)
-    print(f"\npower-law spectrum, centred: collapse_auc={s.collapse_auc():.6f} alpha_req={s.alpha_req():.4f} "
+    print(f"\npower-law spectrum, centred: collapse_auc={s.collapse_auc():.6f} alpha_req={s.alpha_req((5, min(100, d))):.4f} "
           f"stable_rank={s.stable_rank():.4f} participation_ratio={s.participation_ratio():.4f}")
     print(f"backend={s.backend} method={s.method}; worst exact RankMe error {worst:.1e} "
           f"(contract: 1e-4). 'fp32 Gram' = torch float32 x.T@x + eigvalsh, for contrast.")
@@ -72,31 +74,148 @@ def _fmt(v: float) -> str:
     return f"{v:.6f}" if abs(v) < 1e6 else f"{v:.6g}"
 
 
+def _expand_each(paths):
+    """``--each``: every file of every PATH (glob, directory or file) as its own source."""
+    from rankme_fast.io import expand
+
+    out = []
+    for p in paths:
+        out.extend(expand(p))
+    return out
+
+
 def _score(args) -> int:
     import json
+    import warnings
 
     from rankme_fast.scoring import METRICS, parse_metrics, score
 
     names = parse_metrics(args.metrics)
     center = True if args.center else (False if args.no_center else None)
     progress = False if args.quiet else None
+    if args.plot:
+        _need_matplotlib("--plot")
+        if len(args.paths) > 1 or args.each:
+            raise ValueError("--plot draws one source's spectrum; give one PATH (or use `rankme-fast compare "
+                             "... --plot` for several)")
+    dist = _init_distributed()
+    rank0 = dist is None or dist[0] == 0
+    paths = _expand_each(args.paths) if args.each else list(args.paths)
     want = {m: (METRICS[m] if center is None else center) for m in names}
     heads = ["path", "rows", "d", "dtype"] + [m + ("(c)" if center is None and want[m] else "") for m in names]
-    widths = [max(4, *(len(p) for p in args.paths)), 10, 6, 8] + [max(12, len(h)) for h in heads[4:]]
-    if not args.json:
-        print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))
-              + "  " + "time".rjust(8), flush=True)
-    for path in args.paths:  # one row as soon as each PATH is done
-        res = score(path, names, center=center, eps=args.eps, key=args.key, chunk_rows=args.chunk_rows,
-                    max_rows=args.max_rows, progress=progress)
+    widths = [max(4, *(len(p) for p in paths)), 10, 6, 8] + [max(12, len(h)) for h in heads[4:]]
+    header_done = False
+    failures = []
+    for path in paths:  # one row as soon as each PATH is done
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                res = score(path, names, center=center, eps=args.eps, key=args.key, chunk_rows=args.chunk_rows,
+                            max_rows=args.max_rows, progress=progress if rank0 else False,
+                            distributed=dist is not None, convergence=args.convergence, seed=args.seed)
+        except (ValueError, TypeError, OSError) as exc:
+            if not args.keep_going:
+                raise
+            failures.append((path, " ".join(str(exc).split())))
+            if rank0:
+                print(f"rankme-fast: error: {failures[-1][1]} (continuing: --keep-going)", file=sys.stderr, flush=True)
+            continue
+        if not rank0:
+            continue
+        for msg in dict.fromkeys(str(w.message) for w in caught):
+            print(f"rankme-fast: warning: {msg}", file=sys.stderr, flush=True)
         if args.json:
             print(json.dumps(res.as_dict()), flush=True)
-            continue
-        cells = [path, str(res.n_rows), str(res.n_features), res.dtype] + [_fmt(res.metrics[m]) for m in names]
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-              + "  " + f"{res.seconds:.2f}s".rjust(8), flush=True)
-    if not args.json and center is None and any(want.values()):
+        else:
+            if not header_done:  # after the first source opened: an error in it comes before any table
+                print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))
+                      + "  " + "time".rjust(8), flush=True)
+                header_done = True
+            cells = [path, str(res.n_rows), str(res.n_features), res.dtype] + [_fmt(res.metrics[m]) for m in names]
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+                  + "  " + f"{res.seconds:.2f}s".rjust(8), flush=True)
+            if res.convergence:
+                _print_convergence(res, names)
+        if args.plot:
+            res.plot(args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+    if rank0 and not args.json and header_done and center is None and any(want.values()):
         print("(c) = centred spectrum, the metric's reference convention; --center / --no-center force one")
+    if failures:
+        if rank0:
+            print(f"rankme-fast: {len(failures)} of {len(paths)} source(s) failed: "
+                  + "; ".join(p for p, _ in failures), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_convergence(res, names) -> None:
+    cols = list(dict.fromkeys(["rankme", *names]))
+    print("    convergence (nested seeded random subsets): " + ", ".join(
+        f"N/{int(round(1 / c['fraction']))}={c['n_rows']}: "
+        + " ".join(f"{m} {_fmt(c['metrics'][m])}" for m in cols if m in c["metrics"]) if c["fraction"] < 1
+        else f"N={c['n_rows']}: " + " ".join(f"{m} {_fmt(c['metrics'][m])}" for m in cols if m in c["metrics"])
+        for c in res.convergence), flush=True)
+
+
+def _need_matplotlib(flag: str) -> None:
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RuntimeError(f"{flag} needs matplotlib: pip install 'rankme_fast[plot]'")
+
+
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): the initialised process group's (rank, world), else None (the group
+    is destroyed when the process exits)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    import atexit  # noqa: PLC0415
+
+    from rankme_fast.dist_score import init_from_env, shutdown  # noqa: PLC0415
+
+    got = init_from_env()
+    atexit.register(shutdown)
+    return got
+
+
+def _compare(args) -> int:
+    import warnings
+
+    import rankme_fast as rf
+    from rankme_fast.compare import read_labels
+
+    if args.plot:
+        _need_matplotlib("--plot")
+    names = None if args.names is None else [v.strip() for v in args.names.split(",")]
+    if names is None:
+        from rankme_fast.compare import default_names  # noqa: PLC0415
+        names = default_names(args.paths)
+    labels = None
+    if args.labels:
+        labels = read_labels(args.labels, args.label_column)
+    dist = _init_distributed()
+    rank0 = dist is None or dist[0] == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        res = rf.compare(list(args.paths), names=names, metrics=args.metrics, labels=labels,
+                         higher_is_better=not args.lower_is_better, max_rows=args.max_rows, seed=args.seed,
+                         center=True if args.center else (False if args.no_center else None),
+                         bootstrap=args.bootstrap, key=args.key, progress=False if args.quiet or not rank0 else None,
+                         distributed=dist is not None, convergence=args.convergence)
+    if not rank0:
+        return 0
+    for msg in dict.fromkeys(str(w.message) for w in caught):
+        print(f"rankme-fast: warning: {msg}", file=sys.stderr, flush=True)
+    if args.json:
+        print(res.to_json(), flush=True)
+    else:
+        print(res.table_str(), flush=True)
+    if args.csv:
+        res.to_csv(args.csv)
+    if args.plot:
+        res.plot(args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -190,19 +309,39 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors: one line on stderr and exit code 2."""
 
     def error(self, message):
+        if "required: COMMAND" in message or "required: cmd" in message:
+            message = "give a command: score, compare, bench, info or demo (e.g. rankme-fast score emb.npy)"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _main(argv) -> int:
     p = _Parser(prog="rankme-fast", description="Exact RankMe and spectral metrics of embeddings")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    from rankme_fast import __version__  # noqa: PLC0415
+
+    p.add_argument("--version", action="version", version=f"rankme-fast {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND",
+                           title="commands (rankme-fast COMMAND --help for each)")
     sc = sub.add_parser("score", help="metrics of embedding files (.npy, .safetensors, .pt, .h5, .zarr, shard dirs)",
-                        description="Stream each PATH (a file, a directory of shards, or a quoted glob) "
-                                    "through a float64 Gram accumulator and print its metrics.")
+                        description="Stream each PATH through a float64 Gram accumulator and print its metrics. "
+                                    "Each PATH is ONE matrix: a file, a directory of shards or a QUOTED glob "
+                                    "('shards/*.npy') concatenates all its files' rows; several PATHs (or an "
+                                    "unquoted glob the shell expands) are scored separately, one row each. "
+                                    "--each scores every file of a glob or directory separately. To rank "
+                                    "checkpoints use `rankme-fast compare`. Under torchrun the reading is "
+                                    "split across the ranks (rank 0 prints).")
     sc.add_argument("paths", nargs="+", metavar="PATH")
+    sc.add_argument("--each", action="store_true", help="score every file of each glob / directory separately")
+    sc.add_argument("--keep-going", action="store_true",
+                    help="after a bad file, score the rest; exit 2 at the end listing the failures")
+    sc.add_argument("--plot", default=None, metavar="FILE.png",
+                    help="log-log spectrum with the alpha-ReQ fit, RankMe and effective rank (one PATH; needs matplotlib)")
+    sc.add_argument("--convergence", action="store_true",
+                    help="also the metrics at ~N/8, N/4, N/2 rows (nested seeded subsets); warn when the last "
+                         "doubling moves RankMe by more than 1%%")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the --convergence subsets (default 0)")
     sc.add_argument("--metrics", default="rankme",
                     help="comma-separated: rankme, effective_rank, stable_rank, collapse_auc, alpha_req, "
-                         "participation_ratio, nesum, or 'all' (default: rankme)")
+                         "participation_ratio, nesum, or 'all' (default: rankme; any case, dashes or underscores)")
     cg = sc.add_mutually_exclusive_group()
     cg.add_argument("--center", action="store_true", help="centre the embeddings for every metric")
     cg.add_argument("--no-center", action="store_true", help="no centring for any metric")
@@ -237,6 +376,35 @@ def _main(argv) -> int:
     b.add_argument("--plot", default=None, metavar="FILE.png", help="seconds vs RankMe error (needs matplotlib)")
     b.add_argument("--list", action="store_true", help="list every strategy and route, and exit")
     b.set_defaults(fn=_bench)
+    c = sub.add_parser("compare", help="rank models / checkpoints by a metric; correlate it with labels",
+                       description="Score each PATH (one model or checkpoint: a file, a shard directory or a "
+                                   "quoted glob) the same way, print a ranked table and, with --labels, how "
+                                   "well each metric predicts them (Spearman, Kendall tau-b, weighted tau as "
+                                   "scipy computes them, top-1 regret).")
+    c.add_argument("paths", nargs="+", metavar="PATH")
+    c.add_argument("--names", default=None, help="comma-separated model names (default: the PATHs' basenames, "
+                                                 "or the shortest distinct path suffixes)")
+    c.add_argument("--labels", default=None, metavar="FILE.csv|FILE.json",
+                   help="downstream result per model name (CSV with a header, or JSON name -> value)")
+    c.add_argument("--label-column", default=None, help="the label's column/field when the file has several")
+    c.add_argument("--lower-is-better", action="store_true", help="the labels are errors or losses")
+    c.add_argument("--metrics", default="rankme", help="as for score; the first one ranks the table")
+    c.add_argument("--max-rows", type=_positive_int, default=None,
+                   help="score every model on the same seeded random subset of N rows")
+    c.add_argument("--seed", type=int, default=0, help="seed of the row subset / bootstrap (default 0)")
+    c.add_argument("--bootstrap", type=int, default=0, metavar="B",
+                   help="B row-bootstrap replicates: a 95%% interval for every metric value")
+    cc = c.add_mutually_exclusive_group()
+    cc.add_argument("--center", action="store_true", help="centre the embeddings for every metric")
+    cc.add_argument("--no-center", action="store_true", help="no centring for any metric")
+    c.add_argument("--convergence", action="store_true", help="warn when a model's RankMe has not converged in N")
+    c.add_argument("--key", default=None, help="tensor/dataset name inside multi-tensor files")
+    c.add_argument("--json", action="store_true", help="one JSON object")
+    c.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    c.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="spectra of all models and metric vs label (needs matplotlib)")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    c.set_defaults(fn=_compare)
     i = sub.add_parser("info", help="show build configuration and backends (= show_config)")
     i.set_defaults(fn=_info)
     try:

@@ -58,6 +58,8 @@ CHUNK_BYTES = 64 << 20  # input bytes per chunk: amortises the per-call cost of 
 # per-thread Gram copies are zeroed and reduced once per call), small enough for a bounded RSS
 NPY_MAX_HEADER = getattr(np.lib.format, "_MAX_HEADER_SIZE", 10000)  # numpy's bound on v1/v2 headers
 ST_MAX_HEADER = 100_000_000  # the safetensors library's bound on its JSON header
+# several candidate tensors: one message for both ways of choosing (Python argument, CLI flag)
+_CHOOSE_KEY = "choose one with key= (--key on the command line)"
 
 _NP_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
               np.dtype(np.float64): torch.float64}
@@ -458,7 +460,7 @@ class SafetensorsReader(_RawReader):
         if not cands:
             raise ValueError(f"{self.path}: no 2-D float tensor found (tensors: "
                              f"{ {k: (v['dtype'], v['shape']) for k, v in entries.items()} })")
-        raise ValueError(f"{self.path}: holds several 2-D float tensors {sorted(cands)}; choose one with key=")
+        raise ValueError(f"{self.path}: holds several 2-D float tensors {sorted(cands)}; {_CHOOSE_KEY}")
 
 
 def _pick_from_mapping(path: str, items: dict, key: Optional[str], kind: str):
@@ -471,7 +473,7 @@ def _pick_from_mapping(path: str, items: dict, key: Optional[str], kind: str):
         return cands[0]
     if not cands:
         raise ValueError(f"{path}: no 2-D {kind} found (it holds {sorted(items)})")
-    raise ValueError(f"{path}: holds several 2-D {kind}s {sorted(cands)}; choose one with key=")
+    raise ValueError(f"{path}: holds several 2-D {kind}s {sorted(cands)}; {_CHOOSE_KEY}")
 
 
 def _pt_layout(t: torch.Tensor) -> Optional[str]:

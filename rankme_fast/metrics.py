@@ -8,11 +8,15 @@ it works on σ² directly. Whether Z was centred is the caller's business (see `
 from __future__ import annotations
 
 
+import os
+import sys
+import warnings
 from typing import Optional
 
 import torch
 
 RANKME_EPS = 1e-7
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def check_eps(eps) -> float:
@@ -32,11 +36,57 @@ def check_eps(eps) -> float:
     return e
 
 
+class ZeroSpectrumError(ValueError):
+    """A metric asked of a spectrum whose singular values are all 0 (the matrix is zero). ``what`` names
+    the metric, so a caller that knows the provenance (N, centring) can say why: see
+    :func:`zero_spectrum_message`."""
+
+    def __init__(self, message: str, what: str = "", where: str = ""):
+        super().__init__(message)
+        self.what, self.where = what, where  # the metric; "" or " at batch item i (of B)"
+
+
+def zero_spectrum_cause(n_rows: int, centered: bool) -> str:
+    """Why the matrix behind an all-zero spectrum is zero, from its provenance (N rows, centred or not)."""
+    if centered and n_rows == 1:
+        return ("centring a single row leaves nothing (the row is its own column mean, so the centred "
+                "matrix is zero); use center=False (--no-center) or more rows")
+    if centered:
+        return (f"all {n_rows} rows are equal, so the centred matrix is zero; use center=False (--no-center) "
+                "if that is expected")
+    return "the input is all zeros"
+
+
+def zero_spectrum_message(what: str, n_rows: int, centered: bool, where: str = "") -> str:
+    """The message of a :class:`ZeroSpectrumError` for a spectrum of known provenance."""
+    return (f"{what} is undefined for an all-zero spectrum (every singular value is 0){where}: "
+            f"{zero_spectrum_cause(n_rows, centered)}")
+
+
 def _check_nonzero(sv: torch.Tensor, what: str) -> torch.Tensor:
     total = sv.sum(-1)
-    if bool((total <= 0).any()):
-        raise ValueError(f"{what} is undefined for an all-zero spectrum (every singular value is 0)")
+    zero = total <= 0
+    if bool(zero.any()):
+        where = ""
+        if zero.ndim:  # batched: say which item
+            idx = zero.nonzero()[0].tolist()
+            where = (f" at batch item {idx[0]} (of {zero.shape[0]})" if zero.ndim == 1
+                     else f" at batch index {tuple(idx)} (batch shape {tuple(zero.shape)})")
+        msg = f"{what} is undefined for an all-zero spectrum (every singular value is 0){where}"
+        if sv.shape[-1] == 1:  # K = min(N, d) = 1: most often one row that was centred away
+            msg += ("; with K = 1 the usual cause is centring a single row, which leaves nothing (the centred "
+                    "matrix of one row is zero): use center=False (--no-center) or more rows")
+        raise ZeroSpectrumError(msg, what, where)
     return total
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel that points a warning at the first frame outside this package (the user's call),
+    however many rankme_fast layers (api → Spectrum → metrics) lie in between."""
+    f, level = sys._getframe(1), 1
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        f, level = f.f_back, level + 1
+    return level
 
 
 def rankme(sv: torch.Tensor, eps: float = RANKME_EPS) -> torch.Tensor:
@@ -120,14 +170,22 @@ def nesum(sv: torch.Tensor) -> torch.Tensor:
 def alpha_req(sv: torch.Tensor, index_range: tuple = (5, 100)) -> torch.Tensor:
     """α-ReQ (Agrawal et al. 2022): slope α of the least-squares fit log λ_i ≈ c - α log i.
 
-    ``index_range`` = (first, last), 1-based and inclusive, clipped to K. Needs at least two
-    indices and λ_i > 0 on all of them (a zero eigenvalue has no logarithm: raises).
+    ``index_range`` = (first, last), 1-based and inclusive. A ``last`` beyond K is narrowed to K with a
+    ``UserWarning`` (the default (5, 100) is narrowed whenever K < 100). Needs at least two indices and
+    λ_i > 0 on all of them (a zero eigenvalue has no logarithm: raises).
     """
     lo, hi = int(index_range[0]), int(index_range[1])
     if lo < 1 or hi < lo:
         raise ValueError(f"index_range must be (first, last) with 1 <= first <= last, got {index_range}")
     k = sv.shape[-1]
-    hi = min(hi, k)
+    if hi > k:
+        if k - lo + 1 < 2:
+            raise ValueError(f"alpha_req needs at least 2 eigenvalues in the index range {index_range}, but K = {k}")
+        # a message for Python and CLI users alike: the CLI has no flag for the range, so no call to copy
+        warnings.warn(f"alpha_req: index_range {tuple(index_range)} narrowed to ({lo}, {k}): the spectrum has only "
+                      f"K = min(N, d) = {k} eigenvalues (a range ending at or before K is fitted as given)",
+                      UserWarning, stacklevel=_caller_stacklevel())
+        hi = k
     if hi - lo + 1 < 2:
         raise ValueError(f"alpha_req needs at least 2 eigenvalues in the index range {index_range}, but K = {k}")
     sig = sv[..., lo - 1 : hi]

@@ -78,30 +78,46 @@ class Spectrum:
     def _out(self, t: torch.Tensor):
         return float(t) if t.ndim == 0 and not self.differentiable else t
 
+    def _metric(self, fn, *args):
+        """``fn(σ, *args)`` as a float or tensor; an all-zero spectrum's error says why, from N and centring."""
+        try:
+            return self._out(fn(self.singular_values, *args))
+        except _m.ZeroSpectrumError as exc:
+            raise _m.ZeroSpectrumError(_m.zero_spectrum_message(exc.what, self.n_rows, self.centered, exc.where),
+                                       exc.what, exc.where) from None
+
     def rankme(self, eps: Optional[float] = None, convention: str = "paper"):
         """RankMe (ε = 1e-7 by default); ``convention`` reproduces a peer's formula (see
         :data:`rankme_fast.metrics.RANKME_CONVENTIONS`; its ε unless ``eps`` is given)."""
         if convention == "paper":
-            return self._out(_m.rankme(self.singular_values, _m.RANKME_EPS if eps is None else eps))
-        return self._out(_m.rankme_convention(self.singular_values, convention, eps))
+            return self._metric(_m.rankme, _m.RANKME_EPS if eps is None else eps)
+        return self._metric(_m.rankme_convention, convention, eps)
 
     def effective_rank(self):
-        return self._out(_m.effective_rank(self.singular_values))
+        return self._metric(_m.effective_rank)
 
     def collapse_auc(self):
-        return self._out(_m.collapse_auc(self.singular_values))
+        return self._metric(_m.collapse_auc)
 
     def alpha_req(self, index_range: tuple = (5, 100)):
-        return self._out(_m.alpha_req(self.singular_values, index_range))
+        return self._metric(_m.alpha_req, index_range)
 
     def stable_rank(self):
-        return self._out(_m.stable_rank(self.singular_values))
+        return self._metric(_m.stable_rank)
 
     def participation_ratio(self):
-        return self._out(_m.participation_ratio(self.singular_values))
+        return self._metric(_m.participation_ratio)
 
     def nesum(self):
-        return self._out(_m.nesum(self.singular_values))
+        return self._metric(_m.nesum)
+
+    def plot(self, ax=None, *, label: Optional[str] = None, fit: bool = True, annotate: bool = True):
+        """Log-log σ_k/σ_1 against k on ``ax`` (a new figure when None), with the α-ReQ least-squares line
+        over its index range and RankMe / effective rank in the legend; returns the matplotlib Axes (needs
+        matplotlib: the ``[plot]`` extra)."""
+        from .plot import spectrum_axes  # noqa: PLC0415
+
+        return spectrum_axes(self, ax=ax, label=label, fit=fit, annotate=annotate)
 
     def __repr__(self) -> str:
         sv = self.singular_values

@@ -76,7 +76,7 @@ def test_info(capsys):
 @pytest.mark.parametrize(
     ("argv", "pattern"),
     [
-        ([], r"required: cmd"),
+        ([], r"give a command: score, compare, bench, info or demo"),
         (["bogus"], r"invalid choice: 'bogus'"),
         (["demo", "--rows", "0"], r"rankme-fast: error: --rows and --dim must be positive"),
         (["demo", "--dim", "-3"], r"rankme-fast: error: --rows and --dim must be positive"),

@@ -219,3 +219,35 @@ def test_lightning_ddp_two_processes(tmp_path):
             assert rel(r["logged"][epoch]["rk_train"], np_rankme(ref_sv(zt))) < TOL
             assert rel(r["logged"][epoch]["rankme/rankme"], np_rankme(ref_sv(zv))) < TOL
             assert rel(r["logged"][epoch]["rankme/collapse_auc"], np_collapse_auc(ref_sv(zv, center=True))) < TOL
+
+
+def test_verbose_logs_convergence_and_warns(pl, caplog):
+    """verbose=True (issue 16): one line per logged epoch with RankMe on the nested seeded subsets (rows whose
+    hash is below 1/8, 1/4, 1/2) and all N rows, each equal to the float64 reference on those rows, and a
+    UserWarning when the last doubling moves RankMe by more than 1 %."""
+    import logging
+
+    from rankme_fast.scoring import _unit_hash
+
+    quiet()
+    torch.manual_seed(2)
+    model = make_module(pl)()
+    cb = RankMeCallback(stage="validation", metrics=("collapse_auc",), verbose=True, seed=4, name="v")
+    train, val = loaders()
+    with caplog.at_level(logging.INFO, logger="rankme_fast"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_for(pl, [cb], max_epochs=1).fit(model, train, val)
+    lines = [r.getMessage() for r in caplog.records if "RankMe convergence" in r.getMessage()]
+    assert len(lines) == 1, lines
+    z = torch.cat(model.seen["validation"][0])
+    u = torch.from_numpy(_unit_hash(np.arange(z.shape[0], dtype=np.uint64), 4 * 1_000_003))
+    vals = []
+    for lab, frac in (("N/8", 0.125), ("N/4", 0.25), ("N/2", 0.5), ("N", 1.0)):
+        part = z if frac == 1.0 else z[u < frac]
+        want = np_rankme(ref_sv(part))
+        vals.append(want)
+        got = float(lines[0].split(f"{lab}={part.shape[0]}: ")[1].split(",")[0])
+        assert rel(got, want) < 1e-3  # the line prints 4 significant digits
+    moved = abs(vals[-1] - vals[-2]) / vals[-1]
+    warned = [w for w in caught if "probably too small" in str(w.message)]
+    assert bool(warned) == (moved > 0.01)

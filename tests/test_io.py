@@ -681,8 +681,8 @@ def test_source_errors(tmp_path, x64):
     with pytest.raises(ValueError, match=r"key='k' does not apply") as ei:
         score(str(p), key="k", progress=False)
     assert str(p) in str(ei.value)
-    with pytest.raises(ValueError, match=r"unknown metric 'rank_me'"):
-        score(str(p), "rank_me", progress=False)
+    with pytest.raises(ValueError, match=r"unknown metric 'rank_mee'"):
+        score(str(p), "rank_mee", progress=False)
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 100, None])

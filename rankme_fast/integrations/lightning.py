@@ -59,6 +59,11 @@ class RankMeCallback(*_BASES):
         eps, center, convention: RankMe's options (see :class:`~rankme_fast.integrations.torchmetrics.RankMe`);
             ``center`` None means each metric's reference centring.
         backend: Gram backend of the accumulator.
+        verbose: also accumulate RankMe on nested seeded random subsets of about 1/8, 1/4 and 1/2 of the
+            epoch's rows (+0.9x the Gram work), log one line per logged epoch on rank 0 (logger
+            ``rankme_fast``) with RankMe at N/8, N/4, N/2, N, and warn (``UserWarning``) when the last doubling
+            still moves RankMe by more than 1 % — the epoch's N is then too small for a stable value.
+        seed: the seed of those subsets.
 
     The sanity-check validation run is skipped. The accumulated state is part of the callback's
     ``state_dict`` (so a mid-epoch checkpoint resumes it); it is reset after each logged epoch. A metric
@@ -69,8 +74,10 @@ class RankMeCallback(*_BASES):
     def __init__(self, name: str = "rankme", target: Union[str, Callable] = "embedding", stage: str = "validation",
                  metrics: Sequence[str] = ("rankme",), every_n_epochs: int = 1, max_rows: Optional[int] = None,
                  eps: Optional[float] = None, center: Optional[bool] = None, convention: str = "paper",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, verbose: bool = False, seed: int = 0):
         super().__init__()
+        if not isinstance(verbose, bool):
+            raise TypeError(f"verbose must be True or False, got {verbose!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         if not (isinstance(target, str) or callable(target)):
@@ -84,6 +91,13 @@ class RankMeCallback(*_BASES):
         self.metric = SpectralMetrics(metrics, center=center, eps=eps, convention=convention, max_rows=max_rows,
                                       backend=backend)
         self.metrics = self.metric.metrics
+        self.verbose, self.seed = verbose, int(seed)
+        # verbose: RankMe on nested subsets (fractions 1/8, 1/4, 1/2 of the rows) for the convergence line
+        # (a fourth, of every row, when RankMe is not among the logged metrics)
+        self._fracs = (0.125, 0.25, 0.5) + (() if "rankme" in self.metrics else (1.0,))
+        self._subsets = [SpectralMetrics(("rankme",), center=center, eps=eps, convention=convention, backend=backend)
+                         for _ in self._fracs] if verbose else []
+        self._seen = 0  # rows offered to the subsets this epoch (their hash index)
 
     @property
     def state_key(self) -> str:
@@ -112,7 +126,54 @@ class RankMeCallback(*_BASES):
 
     def _accumulate(self, trainer, pl_module, outputs, batch) -> None:
         if self._active(trainer):
-            self.metric.update(self._embeddings(pl_module, outputs, batch))
+            z = self._embeddings(pl_module, outputs, batch)
+            before = int(self.metric.n_rows)
+            self.metric.update(z)
+            if self._subsets:
+                self._update_subsets(z, int(self.metric.n_rows) - before)
+
+    def _update_subsets(self, z: torch.Tensor, taken: int) -> None:
+        from ..scoring import _unit_hash  # noqa: PLC0415
+
+        rows = z.reshape(-1, z.shape[-1])[:taken]
+        if rows.shape[0] == 0:
+            return
+        import numpy as np  # noqa: PLC0415
+
+        rank = torch.distributed.get_rank() if _distributed() else 0
+        u = _unit_hash(np.arange(self._seen, self._seen + rows.shape[0], dtype=np.uint64), self.seed * 1_000_003 + rank)
+        self._seen += rows.shape[0]
+        u = torch.from_numpy(u).to(rows.device)
+        for frac, m in zip(self._fracs, self._subsets):
+            part = rows if frac >= 1.0 else rows[u < frac]
+            if part.shape[0]:
+                m.update(part)
+
+    def _convergence(self, full_rankme) -> None:
+        """The verbose line and the >1 % warning (rank 0 logs; every rank computes: compute() syncs)."""
+        import logging  # noqa: PLC0415
+
+        from ..scoring import CONVERGENCE_TOL  # noqa: PLC0415
+        vals = []
+        for m in self._subsets:
+            try:
+                vals.append((int(m.n_rows), float(m.compute()["rankme"]) if int(m.n_rows) else math.nan))
+            except ValueError:
+                vals.append((int(m.n_rows), math.nan))
+            finally:
+                m.reset()
+        self._seen = 0
+        if full_rankme is not None:
+            vals.append((int(self.metric.n_rows), float(full_rankme)))
+        if _distributed() and torch.distributed.get_rank() != 0:
+            return
+        line = ", ".join(f"{lab}={k}: {v:.4g}" for lab, (k, v) in zip(("N/8", "N/4", "N/2", "N"), vals))
+        logging.getLogger("rankme_fast").info("RankMeCallback(%r) RankMe convergence: %s", self.name, line)
+        a, b = vals[-2][1], vals[-1][1]
+        if math.isfinite(a) and math.isfinite(b) and b != 0 and abs(b - a) / abs(b) > CONVERGENCE_TOL:
+            warnings.warn(f"RankMeCallback({self.name!r}): RankMe moved by {abs(b - a) / abs(b):.1%} from ~N/2 to N "
+                          f"rows ({line}); the epoch's N is probably too small for a stable value — raise max_rows "
+                          "or the number of evaluation rows", UserWarning, stacklevel=2)
 
     def _log(self, trainer, pl_module) -> None:
         if not self._active(trainer):
@@ -124,12 +185,17 @@ class RankMeCallback(*_BASES):
             return
         try:
             values = metric.compute()
+            if self._subsets:
+                self._convergence(values.get("rankme"))
         except ValueError as exc:  # undefined for these embeddings: NaN, not a crashed run
             warnings.warn(f"RankMeCallback({self.name!r}) logs NaN at epoch {trainer.current_epoch}: {exc}",
                           RuntimeWarning, stacklevel=2)
             values = {m: torch.tensor(math.nan, dtype=torch.float64) for m in self.metrics}
         finally:
             metric.reset()
+            for m in self._subsets:
+                m.reset()
+            self._seen = 0
         for m, v in values.items():
             key = self.name if len(self.metrics) == 1 else f"{self.name}/{m}"
             pl_module.log(key, v, on_step=False, on_epoch=True, sync_dist=False)  # same on every rank
