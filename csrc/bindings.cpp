@@ -145,5 +145,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ldg"), py::arg("row_sum"), py::arg("row_sum_stride_b"), py::arg("num_threads"),
         py::arg("block_cols") = 0, py::arg("kernel") = 0);
   m.def("gram_isa", &rankme::gram_isa, "instruction set the Gram kernel dispatches to on this CPU");
+  m.def("isa_supported", [](const std::string& isa) { return rankme::isa_supported(isa.c_str()); },
+        "whether this CPU and build can run the kernels of isa ('generic', 'avx2', 'avx512')");
   m.attr("PANEL") = rankme::kPanel;
 }

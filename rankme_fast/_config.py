@@ -111,7 +111,9 @@ def config() -> dict:
     except ImportError:
         info["build"] = "no build info (running from a source tree without a compiled build)"
     mod = backends.cpu.load()
-    info["cpu_extension"] = f"loaded, kernel isa={mod.gram_isa()}" if mod else f"missing ({backends.cpu.load_error()})"
+    forced = os.environ.get("RANKME_FAST_ISA", "").strip()
+    info["cpu_extension"] = (f"loaded, kernel isa={mod.gram_isa()}" + (" (forced by RANKME_FAST_ISA)" if forced else "")
+                             if mod else f"missing ({backends.cpu.load_error()})")
     if isinstance(info["build"], dict) and info["build"]["cuda_built"]:
         try:
             from . import _C_cuda  # noqa: PLC0415

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import metrics as _m
-from .scoring import METRICS, ScoreResult, convergence_warning, parse_metrics, score
+from .scoring import ScoreResult, parse_metrics, score
 
 CI_LEVEL = 0.95
 
@@ -271,45 +271,24 @@ def _score_array(t: torch.Tensor, names, center, eps, row_index, convergence, se
     import time  # noqa: PLC0415
 
     from .gram import GramAccumulator  # noqa: PLC0415
-    from .scoring import (LEVEL_FRACTIONS, _metric, convergence_table, merged,  # noqa: PLC0415
-                          row_levels)
+    from ._rows import LEVEL_FRACTIONS, _unit_levels  # noqa: PLC0415
+    from .scoring import finish  # noqa: PLC0415
 
     t0 = time.perf_counter()
     n, d = t.shape
     if row_index is not None:
         t = t.index_select(0, torch.from_numpy(row_index).to(t.device))
-        lv_src = row_index
-    else:
-        lv_src = None
-    want = {m: (METRICS[m] if center is None else center) for m in names}
-    levels = None
-    if convergence:
-        if lv_src is None:
-            lv = torch.from_numpy(row_levels(0, t.shape[0], seed)).to(t.device)
-        else:
-            from .scoring import _unit_levels  # noqa: PLC0415
-            lv = torch.from_numpy(_unit_levels(0, 0, lv_src, seed)).to(t.device)
-        levels = [GramAccumulator(d) for _ in LEVEL_FRACTIONS]
+    if not convergence:
+        acc, levels = GramAccumulator(d).update(t), None
+    else:  # the levels of score(convergence=True): from each row's index in the array
+        gi = row_index if row_index is not None else np.arange(t.shape[0], dtype=np.int64)
+        lv = torch.from_numpy(_unit_levels(0, 0, gi, seed)).to(t.device)
+        acc, levels = None, [GramAccumulator(d) for _ in LEVEL_FRACTIONS]
         for k, a in enumerate(levels):
             part = t[lv == k]
             if part.shape[0]:
                 a.update(part)
-        acc = merged(levels, len(LEVEL_FRACTIONS) - 1)
-    else:
-        acc = GramAccumulator(d).update(t)
-    try:
-        spectra = {c: acc.spectrum(center=c) for c in sorted(set(want.values()))}
-        values = {m: float(_metric(spectra[c], m, eps)) for m, c in want.items()}
-    except ValueError as exc:
-        raise ValueError(f"{src}: {exc}") from None
-    conv = warn = None
-    if levels is not None:
-        cw = dict(want)
-        cw.setdefault("rankme", METRICS["rankme"] if center is None else center)
-        conv = convergence_table(levels, cw, eps, dict(spectra))
-        warn = convergence_warning(conv)
-    return ScoreResult(src, (), acc.n_rows, n, d, str(t.dtype).replace("torch.", ""), values, want,
-                       time.perf_counter() - t0, spectra, conv, warn)
+    return finish(acc, levels, names, center, eps, src, (), n, d, str(t.dtype).replace("torch.", ""), t0)
 
 
 def _bootstrap(source, is_array: bool, names, want, eps, row_index, reps: int, seed: int, key, chunk_rows,
@@ -437,15 +416,15 @@ def compare(sources: Sequence[Any], *, names: Union[None, str, Sequence[str]] = 
     warns: Dict[str, str] = {}
     for i, (src, name) in enumerate(zip(sources, names)):
         s, is_array = _as_source(src, i)
-        if is_array:
-            idx = None
-            if max_rows is not None and s.shape[0] > max_rows:
-                idx = np.sort(np.random.default_rng(seed).choice(s.shape[0], size=max_rows, replace=False))
-            res = _score_array(s, mnames, center, eps, idx, convergence, int(seed), name)
-        else:
-            idx = _subset(s, max_rows, int(seed), key)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*probably not enough rows", category=UserWarning)
+        with warnings.catch_warnings():  # convergence warnings are collected per model and issued below
+            warnings.filterwarnings("ignore", message=".*probably not enough rows", category=UserWarning)
+            if is_array:
+                idx = None
+                if max_rows is not None and s.shape[0] > max_rows:
+                    idx = np.sort(np.random.default_rng(seed).choice(s.shape[0], size=max_rows, replace=False))
+                res = _score_array(s, mnames, center, eps, idx, convergence, int(seed), name)
+            else:
+                idx = _subset(s, max_rows, int(seed), key)
                 res = score(s, mnames, center=center, eps=eps, key=key, chunk_rows=chunk_rows, progress=progress,
                             distributed=distributed, convergence=convergence, seed=int(seed), row_index=idx)
         results[name] = res

@@ -30,11 +30,9 @@ Under ``torchrun`` (files are scored on CPU, so the group is gloo)::
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 from typing import List, Optional, Sequence, Tuple
 
-from ._inputs import check_all_finite
 from .gram import GramAccumulator
 from .io import Source, default_chunk_rows, iter_chunks, open_source
 
@@ -292,57 +290,16 @@ class _Range:
         self.inner.close()
 
 
-def _bar(enabled: Optional[bool], total: int, desc: str):
-    """tqdm on stderr (None: only when stderr is a terminal); as :func:`rankme_fast.scoring.accumulate`'s."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled or total == 0:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency; stay usable without it
-        return None
-    return tqdm(total=total, unit="row", unit_scale=True, desc=desc, file=sys.stderr, leave=False,
-                dynamic_ncols=True)
-
-
 def _stream(accs: Sequence[GramAccumulator], ranges: Sequence[_Range], chunk_rows: int, bar, starts: Sequence[int],
             row_index=None, split_seed: Optional[int] = None) -> None:
-    """Stream ``ranges`` into ``accs[0]`` — or, with ``split_seed``, each row into the accumulator of its
-    convergence level (:func:`rankme_fast.scoring.row_levels`, from its global row index); ``row_index``
-    (sorted global row indices) keeps only those rows."""
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
-    from .scoring import _unit_levels  # noqa: PLC0415 - scoring imports this module lazily only
+    """Stream ``ranges`` into ``accs`` as :func:`rankme_fast.scoring.accumulate` does (the same chunk
+    handling: :func:`~rankme_fast._rows.feed_chunk`)."""
+    from ._rows import feed_chunk  # noqa: PLC0415
     for r, r0, t in iter_chunks(ranges, chunk_rows):
-        g0 = starts[r.index] + r.base + r0  # global index of the chunk's first row
-        r0 += r.base  # rows of the file, as scoring.accumulate names them
-        n = t.shape[0]
-        gi = None
-        if row_index is not None:
-            lo, hi = np.searchsorted(row_index, [g0, g0 + n])
-            if lo == hi:
-                del t
-                continue
-            gi = row_index[lo:hi]
-            t = t.index_select(0, torch.from_numpy(gi - g0))
-        parts = [(accs[0], t)]
-        if split_seed is not None:
-            lv = torch.from_numpy(_unit_levels(g0, n, gi, split_seed))
-            parts = [(accs[k], t[lv == k]) for k in range(len(accs))]
-        for a, part in parts:
-            if part.shape[0] == 0:
-                continue
-            try:
-                a.update(part)
-            except ValueError as exc:
-                # names the file and the row (count and shape are those of the chunk being read)
-                check_all_finite(t, name=f"{r.path} (rows {r0}..{r0 + n})", row_offset=r0)
-                raise ValueError(f"{r.path}: rows {r0}..{r0 + n}: {exc}") from None
-        if bar is not None:
-            bar.update(t.shape[0])
-        del t, parts  # chunks may be views of a file mapping, closed below
+        fed = feed_chunk(accs, r.path, r.base + r0, starts[r.index] + r.base + r0, t, row_index, split_seed)
+        del t  # chunks may be views of a file mapping, closed below
+        if bar is not None and fed:
+            bar.update(fed)
 
 
 def accumulate_distributed(source: Source, *, key: Optional[str] = None, chunk_rows: Optional[int] = None,
@@ -402,7 +359,7 @@ def accumulate_distributed(source: Source, *, key: Optional[str] = None, chunk_r
             acc = accs
             idx = None
             if row_index is not None:
-                from .scoring import _check_row_index  # noqa: PLC0415
+                from ._rows import _check_row_index  # noqa: PLC0415
                 idx = _check_row_index(row_index, total)
             starts = [0]
             for r in readers:
@@ -410,7 +367,8 @@ def accumulate_distributed(source: Source, *, key: Optional[str] = None, chunk_r
             ranges = [_Range(readers[i], r0, r1, i) for i, r0, r1 in plan(header["rows"], world, rank, max_rows)]
             mine = sum(r.n_rows for r in ranges)
             desc = os.path.basename(label.rstrip("/" + os.sep)) or label
-            bar = _bar(progress, mine, f"{desc} (rank 0 of {world})") if rank == 0 else None
+            from ._rows import _progress  # noqa: PLC0415
+            bar = _progress(progress, mine, f"{desc} (rank 0 of {world})") if rank == 0 and mine else None
             try:
                 _stream(accs, ranges, rows, bar, starts, idx, split_seed)
             finally:

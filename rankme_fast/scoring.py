@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 from . import metrics as _m
-from ._inputs import check_all_finite
 from .gram import GramAccumulator
+from ._rows import LEVEL_FRACTIONS, _check_row_index, _progress, feed_chunk
 from .io import Source, default_chunk_rows, iter_chunks, open_source
 
 # name -> (centred by default, as in the metric's reference; DESIGN §2)
@@ -124,51 +122,7 @@ def _metric(spec, name: str, eps: float) -> float:
     return getattr(spec, name)()
 
 
-def _progress(enabled: Optional[bool], total: int, desc: str):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency; stay usable without it
-        return None
-    return tqdm(total=total, unit="row", unit_scale=True, desc=desc, file=sys.stderr, leave=False,
-                dynamic_ncols=True)
-
-
-# Convergence (``score(..., convergence=True)``): every row gets a level from a hash of its global index and
-# the seed — 0 with probability 1/8, 1 with 1/8, 2 with 1/4, 3 with 1/2 — and each level has its own
-# accumulator, so the nested random subsets "levels <= k" (about N/8, N/4, N/2 and N rows) come from one
-# pass, whatever the order of the source (a sorted file is subsampled, not cut) and however it is chunked.
-LEVEL_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 CONVERGENCE_TOL = 0.01  # warn when the last doubling moves RankMe by more than this (relative)
-
-
-def _unit_hash(idx: np.ndarray, seed: int) -> np.ndarray:
-    """splitmix64 of (index, seed) -> uniform float64 in [0, 1); vectorised, chunking-independent."""
-    with np.errstate(over="ignore"):
-        z = idx.astype(np.uint64) + np.uint64((int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 64))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
-
-
-def row_levels(g0: int, n: int, seed: int) -> np.ndarray:
-    """Levels (uint8, 0..3) of the rows with global indices g0 .. g0+n-1 (see LEVEL_FRACTIONS)."""
-    u = _unit_hash(np.arange(g0, g0 + n, dtype=np.uint64), seed)
-    return np.searchsorted(np.asarray(LEVEL_FRACTIONS[:3]), u, side="right").astype(np.uint8)
-
-
-def _check_row_index(row_index, total: int) -> np.ndarray:
-    idx = np.asarray(row_index)
-    if idx.ndim != 1 or idx.dtype.kind not in "iu":
-        raise ValueError(f"row_index must be a 1-D array of integer row indices, got {idx.dtype} {idx.shape}")
-    idx = idx.astype(np.int64, copy=False)
-    if idx.size and (idx[0] < 0 or idx[-1] >= total or bool((np.diff(idx) <= 0).any())):
-        raise ValueError(f"row_index must be sorted, unique and in [0, {total}), got {idx[:4].tolist()}...")
-    return idx
 
 
 def accumulate(source: Source, *, key: Optional[str] = None, chunk_rows: Optional[int] = None,
@@ -203,33 +157,10 @@ def accumulate(source: Source, *, key: Optional[str] = None, chunk_rows: Optiona
             g += r.n_rows
         try:
             for r, r0, t in iter_chunks(readers, rows, max_rows):
-                g0 = starts[id(r)] + r0
-                n = t.shape[0]
-                if idx is not None:
-                    lo, hi = np.searchsorted(idx, [g0, g0 + n])
-                    if lo == hi:
-                        del t
-                        continue
-                    sel = torch.from_numpy(idx[lo:hi] - g0)
-                    t, gi = t.index_select(0, sel), idx[lo:hi]
-                else:
-                    gi = None
-                parts = [(accs[0], t)]
-                if split_seed is not None:
-                    lv = torch.from_numpy(_unit_levels(g0, n, gi, split_seed))
-                    parts = [(accs[k], t[lv == k]) for k in range(n_acc)]
-                for a, part in parts:
-                    if part.shape[0] == 0:
-                        continue
-                    try:
-                        a.update(part)
-                    except ValueError as exc:
-                        # names the file and the row (count and shape are those of the chunk being read)
-                        check_all_finite(t, name=f"{r.path} (rows {r0}..{r0 + n})", row_offset=r0)
-                        raise ValueError(f"{r.path}: rows {r0}..{r0 + n}: {exc}") from None
-                if bar is not None:
-                    bar.update(t.shape[0])
-                del t, parts  # chunks may be views of a file mapping, closed below
+                fed = feed_chunk(accs, r.path, r0, starts[id(r)] + r0, t, idx, split_seed)
+                del t  # chunks may be views of a file mapping, closed below
+                if bar is not None and fed:
+                    bar.update(fed)
         finally:
             if bar is not None:
                 bar.close()
@@ -238,13 +169,6 @@ def accumulate(source: Source, *, key: Optional[str] = None, chunk_rows: Optiona
         for r in readers:
             r.close()
     return (accs[0] if split_seed is None else accs), info
-
-
-def _unit_levels(g0: int, n: int, gi, seed: int) -> np.ndarray:
-    if gi is None:
-        return row_levels(g0, n, seed)
-    u = _unit_hash(np.asarray(gi, dtype=np.uint64), seed)
-    return np.searchsorted(np.asarray(LEVEL_FRACTIONS[:3]), u, side="right").astype(np.uint8)
 
 
 def merged(accs: Sequence[GramAccumulator], upto: int) -> GramAccumulator:
@@ -347,11 +271,18 @@ def score(source: Source, metrics: Union[str, Sequence[str]] = DEFAULT_METRICS, 
         acc, (files, total, d, dtype) = accumulate_distributed(source, **kw)
     else:
         acc, (files, total, d, dtype) = accumulate(source, **kw)
-    levels = None
-    if convergence:
-        levels, acc = acc, merged(acc, len(LEVEL_FRACTIONS) - 1)
-    want = {m: (METRICS[m] if center is None else center) for m in names}
     src = os.fspath(source) if isinstance(source, (str, os.PathLike)) else ",".join(map(os.fspath, source))
+    return finish(acc if not convergence else None, acc if convergence else None, names, center, eps, src,
+                  tuple(files), total, d, dtype, t0)
+
+
+def finish(acc: Optional[GramAccumulator], levels: Optional[Sequence[GramAccumulator]], names, center, eps: float,
+           src: str, files: tuple, total: int, d: int, dtype: str, t0: float) -> ScoreResult:
+    """The :class:`ScoreResult` of one accumulator — or of the four level accumulators of a convergence pass
+    (merged for the metrics, nested for ``convergence``; warns when RankMe has not converged)."""
+    if levels is not None:
+        acc = merged(levels, len(LEVEL_FRACTIONS) - 1)
+    want = {m: (METRICS[m] if center is None else center) for m in names}
     try:
         spectra = {c: acc.spectrum(center=c) for c in sorted(set(want.values()))}
         values = {m: float(_metric(spectra[c], m, eps)) for m, c in want.items()}
@@ -364,6 +295,6 @@ def score(source: Source, metrics: Union[str, Sequence[str]] = DEFAULT_METRICS, 
         conv = convergence_table(levels, conv_want, eps, dict(spectra))
         warn = convergence_warning(conv)
         if warn:
-            warnings.warn(f"{src}: {warn}", UserWarning, stacklevel=2)
-    return ScoreResult(src, tuple(files), acc.n_rows, total, d, dtype, values, want,
-                       time.perf_counter() - t0, spectra, conv, warn)
+            warnings.warn(f"{src}: {warn}", UserWarning, stacklevel=3)
+    return ScoreResult(src, files, acc.n_rows, total, d, dtype, values, want, time.perf_counter() - t0, spectra,
+                       conv, warn)

@@ -244,7 +244,7 @@ def test_convergence_subsets_and_warning(tmp_path):
         res = rf.score(str(tmp_path / "e.npy"), "rankme,collapse_auc", convergence=True, seed=2, chunk_rows=97)
     conv = res.convergence
     assert [c["fraction"] for c in conv] == [0.125, 0.25, 0.5, 1.0]
-    from rankme_fast.scoring import row_levels  # the documented assignment of rows to nested subsets
+    from rankme_fast._rows import row_levels  # the documented assignment of rows to nested subsets
     lv = row_levels(0, 300, 2)
     prev = 0
     for k, c in enumerate(conv):

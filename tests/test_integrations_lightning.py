@@ -227,7 +227,7 @@ def test_verbose_logs_convergence_and_warns(pl, caplog):
     UserWarning when the last doubling moves RankMe by more than 1 %."""
     import logging
 
-    from rankme_fast.scoring import _unit_hash
+    from rankme_fast._rows import _unit_hash
 
     quiet()
     torch.manual_seed(2)

@@ -340,7 +340,9 @@ def test_kernel_isa_matches_cpu():
 
     if "avx512" not in _build_info.cpu_isa_variants:
         pytest.skip("built without the x86 ISA variants")
-    if os.environ.get("RANKME_FAST_DISABLE_AVX512"):
+    if os.environ.get("RANKME_FAST_ISA"):  # forced (tests/test_isa.py): what was asked for, validated by load()
+        want = os.environ["RANKME_FAST_ISA"].strip().lower()
+    elif os.environ.get("RANKME_FAST_DISABLE_AVX512"):
         want = "avx2" if {"avx2", "fma"} <= flags else "generic"
     elif "avx512f" in flags:
         want = "avx512"

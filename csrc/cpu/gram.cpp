@@ -41,14 +41,41 @@ const char* status_string(int status) {
   }
 }
 
-static const KernelTable& select_kernels(const char** name) {
+bool isa_supported(const char* isa) {
+  const std::string v = isa ? isa : "";
+  if (v == "generic") return true;
 #if defined(RANKME_HAVE_X86_VARIANTS)
   __builtin_cpu_init();
-  if (!std::getenv("RANKME_FAST_DISABLE_AVX512") && __builtin_cpu_supports("avx512f")) {
+  if (v == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (v == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#endif
+  return false;
+}
+
+// RANKME_FAST_ISA=generic|avx2|avx512 forces a kernel (the Python loader refuses a value the CPU or the
+// build lacks before any kernel runs; an unsupported one is ignored here, never executed);
+// RANKME_FAST_DISABLE_AVX512 (older) skips AVX-512 in the automatic choice.
+static const KernelTable& select_kernels(const char** name) {
+  const char* forced = std::getenv("RANKME_FAST_ISA");
+  const std::string f = forced ? forced : "";
+  if (f == "generic") {
+    *name = "generic";
+    return generic::table;
+  }
+#if defined(RANKME_HAVE_X86_VARIANTS)
+  if (f == "avx2" && isa_supported("avx2")) {
+    *name = "avx2";
+    return avx2::table;
+  }
+  if (f == "avx512" && isa_supported("avx512")) {
     *name = "avx512";
     return avx512::table;
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (!std::getenv("RANKME_FAST_DISABLE_AVX512") && isa_supported("avx512")) {
+    *name = "avx512";
+    return avx512::table;
+  }
+  if (isa_supported("avx2")) {
     *name = "avx2";
     return avx2::table;
   }

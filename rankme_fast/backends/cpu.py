@@ -18,15 +18,39 @@ _module = None
 _error: Optional[BaseException] = None
 
 
+ISAS = ("generic", "avx2", "avx512")
+ISA_ENV = "RANKME_FAST_ISA"
+
+
+def forced_isa() -> Optional[str]:
+    """``RANKME_FAST_ISA`` (generic | avx2 | avx512), validated; None when unset (automatic choice)."""
+    v = os.environ.get(ISA_ENV, "").strip()
+    if not v:
+        return None
+    if v.lower() not in ISAS:
+        raise ValueError(f"{ISA_ENV} must be one of {', '.join(ISAS)} (or unset for the automatic choice), got {v!r}")
+    return v.lower()
+
+
 def load():
-    """Import ``rankme_fast._C`` once; return it or None (the error stays in ``load_error()``)."""
+    """Import ``rankme_fast._C`` once; return it or None (the error stays in ``load_error()``).
+    ``RANKME_FAST_ISA`` naming an instruction set this CPU (or build) lacks raises RuntimeError here,
+    before any kernel runs."""
     global _module, _error
     if _module is None and _error is None:
+        isa = forced_isa()
         try:
             from .. import _C  # noqa: PLC0415 - lazy by design
-            _module = _C
         except ImportError as exc:
             _error = exc
+            return None
+        if isa is not None:
+            if os.environ.get(ISA_ENV) != isa:
+                os.environ[ISA_ENV] = isa  # the C++ side compares the lower-case name
+            if not _C.isa_supported(isa):
+                raise RuntimeError(f"{ISA_ENV}={isa}: this CPU (or this build) cannot run the {isa} kernels; "
+                                   f"choose one of {', '.join(i for i in ISAS if _C.isa_supported(i))} or unset it")
+        _module = _C
     return _module
 
 

@@ -133,7 +133,7 @@ class RankMeCallback(*_BASES):
                 self._update_subsets(z, int(self.metric.n_rows) - before)
 
     def _update_subsets(self, z: torch.Tensor, taken: int) -> None:
-        from ..scoring import _unit_hash  # noqa: PLC0415
+        from .._rows import _unit_hash  # noqa: PLC0415
 
         rows = z.reshape(-1, z.shape[-1])[:taken]
         if rows.shape[0] == 0:

@@ -48,4 +48,7 @@ Status gram_update(const GramArgs& args);
 // Name of the instruction set the kernel dispatches to on this CPU ("avx512", "avx2", "generic").
 const char* gram_isa();
 
+// Whether this CPU and build can run the kernels of ``isa`` ("generic", "avx2", "avx512").
+bool isa_supported(const char* isa);
+
 }  // namespace rankme
