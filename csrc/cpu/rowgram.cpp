@@ -8,11 +8,10 @@
 // (a single item runs on one thread: its work is not split).
 //
 // Kernels (per item, by L):
-//  * dot (L <= kDotMaxRows): the item (or a chunk of its features, L x chunk doubles in L2) is upcast
-//    and shifted row by row into a scratch block, then, in slices of W features (L x W doubles in
-//    L1), every row pair i <= j is accumulated by register tiles (5x5 rows on AVX-512) into per-pair
-//    vectors along the features; the lanes are summed once per item. Only the L(L+1)/2 useful pairs
-//    are computed.
+//  * dot (L <= kDotMaxRows): in slices of W features (the item's L x W stored values in L1), register tiles
+//    of rows (5 x 5 on AVX-512) upcast their rows' groups of 8 features straight into registers and
+//    accumulate every row pair i <= j into per-pair 8-lane vectors (and the row sums in the diagonal
+//    tiles); the lanes are summed once per item. Only the L(L+1)/2 useful pairs are computed.
 //  * panel (larger L): blocks of features are packed (upcast, shifted, transposed) into the streaming
 //    Gram's 8-row panels and multiplied by its micro-kernel into a per-thread Lp x Lp scratch, which is
 //    added into the item's gram block at the end.
@@ -51,24 +50,18 @@ const RowGramTable& rowgram_kernels() {
 }
 
 // Items up to this many rows use the dot kernel, longer ones the panel kernel (measured at d=4096 bf16,
-// one thread: L=24 dot 54 / panel 40 GFLOP/s, L=32 44 / 47, L=48 44 / 58).
-constexpr int64_t kDotMaxRows = 30;
+// one thread, AVX-512, fused dot kernel: L=24 dot 56 / panel 47 GFLOP/s, L=32 55 / 54, L=40 56 / 50,
+// L=48 51 / 58, L=64 53 / 71).
+constexpr int64_t kDotMaxRows = 40;
 // Panel kernel: features per packed block (a 512 x 8 panel is 32 KiB, L1-resident while it sweeps).
 constexpr int64_t kPanelBlock = 512;
 
-// Dot kernel: features per register-tile sweep, so that the L x W slice stays around 24 KiB of L1.
-int64_t dot_block(int64_t rows, int64_t want) {
+// Dot kernel: features per slice, so that the item's L x W stored values stay around 24 KiB of L1 while
+// every tile sweeps them.
+int64_t dot_block(int64_t rows, int64_t esz, int64_t want) {
   if (want > 0) return (want + 7) / 8 * 8;
-  const int64_t w = (int64_t(3072) / std::max<int64_t>(rows, 1)) / 64 * 64;
-  return std::min<int64_t>(1024, std::max<int64_t>(64, w));
-}
-
-// Dot kernel: features converted at a time (a multiple of 64), the whole item while L x d doubles fit
-// in 384 KiB of L2, so each row is read as one long contiguous run. (Converting one L x W slice at a
-// time, L1-resident, measured the same within noise once the software prefetch was in.)
-int64_t dot_chunk(int64_t rows, int64_t dim) {
-  const int64_t f = std::max<int64_t>(64, (int64_t(49152) / std::max<int64_t>(rows, 1)) / 64 * 64);
-  return std::min<int64_t>(f, (dim + 63) / 64 * 64);
+  const int64_t w = (int64_t(24576) / std::max<int64_t>(rows * esz, 1)) / 64 * 64;
+  return std::min<int64_t>(4096, std::max<int64_t>(64, w));
 }
 
 size_t elem_size(DType t) {
@@ -120,7 +113,7 @@ struct Prefetcher {
 };
 
 struct Scratch {
-  Buf s, vacc, pack, g, rsh, csh, rs;
+  Buf vacc, rsum, pack, g, rsh, csh, rs;
 };
 
 }  // namespace
@@ -141,7 +134,6 @@ Status row_gram_batch(const RowGramArgs& a) {
   if (!a.x) return kInvalidArgument;
 
   const RowGramTable& k = rowgram_kernels();
-  const int vl = k.vl_doubles;
   auto use_dot = [&](int64_t L) { return a.kernel == 1 || (a.kernel == 0 && L <= kDotMaxRows); };
 
   try {
@@ -174,12 +166,8 @@ Status row_gram_batch(const RowGramArgs& a) {
       scratch.resize(static_cast<size_t>(n));
       for (Scratch& sc : scratch) {
         bool ok = true;
-        if (max_dot) {
-          // the largest L x chunk(L) block any dot item uses
-          size_t s_elems = 0;
-          for (int64_t L = 1; L <= max_dot; ++L) s_elems = std::max(s_elems, size_t(L) * size_t(dot_chunk(L, a.dim)));
-          ok = ok && sc.s.alloc(s_elems) && sc.vacc.alloc(size_t(max_dot) * size_t(max_dot) * size_t(vl));
-        }
+        if (max_dot)
+          ok = ok && sc.vacc.alloc(size_t(max_dot) * size_t(max_dot) * 8) && sc.rsum.alloc(size_t(max_dot) * 8);
         if (max_panel) ok = ok && sc.pack.alloc(size_t(wpn) * size_t(lp)) && sc.g.alloc(size_t(lp) * size_t(lp));
         if (a.row_shift) ok = ok && sc.rsh.alloc(size_t(max_len));
         if (need_csh) ok = ok && sc.csh.alloc(size_t(a.dim));
@@ -238,27 +226,29 @@ Status row_gram_batch(const RowGramArgs& a) {
         }
         double* gb = a.gram + b * a.gram_stride_b;
         if (use_dot(L)) {
-          const int64_t w = dot_block(L, a.block_cols), fc = dot_chunk(L, a.dim);
+          const int64_t w = dot_block(L, static_cast<int64_t>(esz), a.block_cols);
           double* vacc = sc.vacc.p;
-          for (int64_t i = 0; i < L; ++i) std::fill(vacc + (i * L + i) * vl, vacc + (i * L + L) * vl, 0.0);
-          for (int64_t f0 = 0; f0 < a.dim; f0 += fc) {
-            const int64_t ww = std::min(fc, a.dim - f0), wp = (ww + 7) / 8 * 8;
-            k.convert(it, f0, ww, sc.s.p, fc, rs);
-            const int64_t per = pf.lines() / std::max<int64_t>(1, (a.dim + w - 1) / w) + 1;
-            for (int64_t w0 = 0; w0 < wp; w0 += w) {
-              pf.step(per);
-              k.dot(sc.s.p + w0, fc, L, std::min(w, wp - w0), vacc);
-            }
+          double* rsum = sc.rsum.p;
+          for (int64_t i = 0; i < L; ++i) std::fill(vacc + (i * L + i) * 8, vacc + (i * L + L) * 8, 0.0);
+          std::fill(rsum, rsum + L * 8, 0.0);
+          const int64_t per = pf.lines() / std::max<int64_t>(1, (a.dim + w - 1) / w) + 1;
+          for (int64_t f0 = 0; f0 < a.dim; f0 += w) {
+            pf.step(per);
+            k.fused(it, f0, std::min(w, a.dim - f0), vacc, rsum);
           }
           for (int64_t i = 0; i < L; ++i) {
             for (int64_t j = i; j < L; ++j) {
-              const double* v = vacc + (i * L + j) * vl;
-              double s = 0.0;
-              for (int l = 0; l < vl; ++l) s += v[l];
+              const double* v = vacc + (i * L + j) * 8;
+              const double s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
               gb[i * a.ldg + j] += s;
               if (j != i) gb[j * a.ldg + i] += s;
             }
           }
+          if (rs)
+            for (int64_t i = 0; i < L; ++i) {
+              const double* v = rsum + i * 8;
+              rs[i] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+            }
         } else {
           const int64_t np = padded_size(L) / kPanel, ldl = np * kPanel;
           double* g = sc.g.p;

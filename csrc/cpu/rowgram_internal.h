@@ -13,19 +13,16 @@ namespace rankme {
 // argument block (its gram / ldg / col_sum / threads fields are unused here).
 using RowItem = GramArgs;
 
-// Features [f0, f0 + w) of every row, upcast and shifted, into s (row i at s + i*ld), zero-filled up to
-// wp = round_up(w, 8) <= ld; row_sum[i] += sum of the row's w values.
-using RowConvertFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* s, int64_t ld, double* row_sum);
-// vacc[(i*rows + j)*vl .. +vl) += lane-wise partial dot products of rows i <= j of s over wp columns
-// (wp a multiple of 8); the lanes are summed by the driver once per item.
-using RowDotFn = void (*)(const double* s, int64_t ld, int64_t rows, int64_t wp, double* vacc);
+// Features [f0, f0 + w) of the item, upcast and shifted: vacc[(i*rows + j)*8 .. +8) += lane-wise partial dot
+// products of rows i <= j, rsum[i*8 .. +8) += lane-wise partial sums of row i (lane l: features f0 + l + 8k);
+// the lanes are summed by the driver once per item.
+using RowFusedFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum);
 // Features [f0, f0 + w) packed as the Gram kernel's panels (panel p, feature f, lane m =
 // V[8p + m, f0 + f]; lanes of rows >= rows are zero), row_sum[i] += sum of the row's w values.
 using RowPackFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* pack, double* row_sum);
 
 struct RowGramTable {
-  RowConvertFn convert;
-  RowDotFn dot;
+  RowFusedFn fused;
   RowPackFn pack;
   TilesFn tiles;  // the streaming Gram's upper-triangle tiles (gram_kernel.inl)
   int vl_doubles;

@@ -20,12 +20,8 @@ namespace rankme {
 namespace RANKME_ISA_NS {
 namespace rowgram {
 
-// Rows of a register tile of the dot kernel: 5x5 = 25 accumulators + 5 + 1 operands fit in the 32 zmm
-// registers (10 rows = 2 tiles of 5: 20 loads per 55 FMAs, measured 10% faster than 4x4 tiles);
-// 3x3 = 9 + 3 + 1 in 16 ymm / xmm registers.
-constexpr int RT = VL >= 8 ? 5 : 3;
-// Software prefetch distance along a row (bytes): rows of short items are too short a run for the
-// hardware prefetchers to ramp up (measured 14 -> 11 us per 10 x 4096 bf16 item at 4 KiB).
+// Software prefetch distance along a row in the panel packing (bytes): rows of short items are too short a
+// run for the hardware prefetchers to ramp up (measured 14 -> 11 us per 10 x 4096 bf16 item at 4 KiB).
 constexpr int kPrefetchBytes = 4096;
 
 typedef int32_t p8i __attribute__((vector_size(8 * sizeof(int32_t))));
@@ -82,56 +78,227 @@ RANKME_RG_INLINE p8d cvt8(const BFloat16* s) {
 #endif
 }
 
-// Walks features [f0, f0 + w) of row i in groups of 8 (the last one zero-padded), calling
-// put(c, v, n) with v = x - row_shift - col_shift for features f0+c .. f0+c+n-1 (lanes >= n are 0);
-// returns the sum of the values when SUM. Group g adds into accumulator g % 4 (four independent
-// chains), so contiguous and strided rows give bit-identical values and sums. The shifts are template
-// flags: x - 0.0 == x, so skipping an absent shift changes no bits.
-template <typename T, bool RS, bool CS, bool SUM, typename Put>
-static inline double convert_row(const RowItem& it, int64_t i, int64_t f0, int64_t w, Put&& put) {
-  const T* src = static_cast<const T*>(it.x) + i * it.stride_r + f0 * it.stride_c;
-  const double rsh = RS ? it.row_shift[i] : 0.0;
-  const double* csh = CS ? it.col_shift + f0 : nullptr;
-  const int64_t sc = it.stride_c;
-  p8d acc[4] = {};
-  auto group = [&](int64_t c) __attribute__((always_inline)) {
-    p8d v;
-    if (sc == 1) {
-      v = cvt8(src + c);
+// ---- the dot kernel (short items): upcast fused into register tiles ---------------------------------
+//
+// Rows are split in blocks of RT; every block pair I <= J is a register tile whose accumulators (one
+// 8-lane vector per row pair, lanes along the features) live in vacc between calls. Each tile walks the
+// features of the slice [f0, f0 + w) in groups of 8, upcasting (and shifting) its rows' groups straight
+// into registers — no buffer of doubles: the item's rows are read as stored (L1-resident when the driver
+// sizes the slice), every row group is upcast once per tile that holds the row (RT x RT tiles: 20 upcasts
+// per 55 FMAs at L = 10), and row sums run in the diagonal tiles (each row is in exactly one). Lane l of a
+// pair's vector holds the sum over the features f ≡ l (mod 8) of the slice in increasing order, so the bits
+// depend on neither the layout (contiguous or strided) nor the thread.
+
+// Rows of a tile: 5 x 5 = 25 accumulators + 5 + 1 operands fit in the 32 zmm registers; with 16 ymm
+// registers an 8-lane vector is two, so 2 x 2 tiles (8 + 4 + 2).
+constexpr int RT = VL >= 8 ? 5 : 2;
+// Software prefetch distance along a row (bytes), for rows read straight from the item.
+constexpr int kTilePrefetchBytes = 1024;
+
+// One group of 8 features starting at c of row `src` (element stride sc; the first n <= 8 lanes, the rest 0),
+// upcast, minus the row's shift and (CS) the column shifts csh[c ..].
+template <typename T, bool CS>
+RANKME_RG_INLINE p8d group8(const T* src, int64_t c, int64_t sc, double rsh, const double* csh, int n) {
+  p8d v;
+  if (n == 8 && sc == 1) {
+    v = cvt8(src + c);
+  } else {
+    v = p8d{0, 0, 0, 0, 0, 0, 0, 0};
+    for (int l = 0; l < n; ++l) v[l] = to_double(src[(c + l) * sc]);
+  }
+  v -= rsh;  // x - 0.0 == x: an absent shift changes no bits
+  if (CS) {
+    if (n == 8) {
+      v -= load8(csh + c);
     } else {
-      for (int l = 0; l < 8; ++l) v[l] = to_double(src[(c + l) * sc]);
-    }
-    if (RS) v -= rsh;
-    if (CS) v -= load8(csh + c);
-    return v;
-  };
-  int64_t c = 0;
-  for (; c + 32 <= w; c += 32) {
-    if (sc == 1) __builtin_prefetch(src + c + kPrefetchBytes / sizeof(T));
-    for (int u = 0; u < 4; ++u) {
-      const p8d v = group(c + 8 * u);
-      put(c + 8 * u, v, 8);
-      if (SUM) acc[u] += v;
+      for (int l = 0; l < n; ++l) v[l] -= csh[c + l];
     }
   }
-  for (; c + 8 <= w; c += 8) {
-    const p8d v = group(c);
-    put(c, v, 8);
-    if (SUM) acc[(c >> 3) & 3] += v;
-  }
-  if (c < w) {
-    const int n = static_cast<int>(w - c);
-    p8d v = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int l = 0; l < n; ++l) {
-      double t = to_double(src[(c + l) * sc]);
-      if (RS) t -= rsh;
-      if (CS) t -= csh[c + l];
-      v[l] = t;
+  if (n < 8)
+    for (int l = n; l < 8; ++l) v[l] = 0.0;
+  return v;
+}
+
+// Tile of rows [i0, i0 + A) x [j0, j0 + B) (diagonal when D: i0 == j0, A == B, pairs q >= p only) over the
+// features [f0 + c0, f0 + w) of the slice, any strides and shifts (the general path: strided rows, a row
+// shift, the last partial group).
+template <typename T, bool CS, int A, int B, bool D>
+static void ftile_any(const RowItem& it, int64_t i0, int64_t j0, int64_t f0, int64_t c0, int64_t w,
+                      double* __restrict vacc, double* __restrict rsum, int64_t rows) {
+  p8d acc[A][B];
+  for (int p = 0; p < A; ++p)
+    for (int q = 0; q < B; ++q)
+      acc[p][q] = (!D || q >= p) ? load8(vacc + ((i0 + p) * rows + j0 + q) * 8) : p8d{};
+  p8d rs[A];
+  for (int p = 0; p < A; ++p) rs[p] = D ? load8(rsum + (i0 + p) * 8) : p8d{};
+  const int64_t sc = it.stride_c;
+  const T* base = static_cast<const T*>(it.x) + f0 * sc;
+  const double* csh = CS ? it.col_shift + f0 : nullptr;
+  auto rsh = [&](int64_t i) { return it.row_shift ? it.row_shift[i] : 0.0; };
+  for (int64_t c = c0; c < w; c += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, w - c));
+    p8d a[A];
+    for (int p = 0; p < A; ++p) a[p] = group8<T, CS>(base + (i0 + p) * it.stride_r, c, sc, rsh(i0 + p), csh, n);
+    if (D) {
+      for (int p = 0; p < A; ++p) {
+        rs[p] += a[p];
+        for (int q = p; q < B; ++q) acc[p][q] += a[p] * a[q];
+      }
+    } else {
+      for (int q = 0; q < B; ++q) {
+        const p8d bq = group8<T, CS>(base + (j0 + q) * it.stride_r, c, sc, rsh(j0 + q), csh, n);
+        for (int p = 0; p < A; ++p) acc[p][q] += a[p] * bq;
+      }
     }
-    put(c, v, n);
-    if (SUM) acc[(c >> 3) & 3] += v;
   }
-  return SUM ? sum8((acc[0] + acc[1]) + (acc[2] + acc[3])) : 0.0;
+  for (int p = 0; p < A; ++p)
+    for (int q = (D ? p : 0); q < B; ++q) store8(vacc + ((i0 + p) * rows + j0 + q) * 8, acc[p][q]);
+  if (D)
+    for (int p = 0; p < A; ++p) store8(rsum + (i0 + p) * 8, rs[p]);
+}
+
+// One group of 8 contiguous features upcast into G = 8 / VL native vectors (lane layout of a p8d).
+constexpr int G = 8 / VL;
+RANKME_RG_INLINE void split8(p8d v, vd out[G]) { std::memcpy(out, &v, sizeof v); }
+template <typename T>
+RANKME_RG_INLINE void cvtg(const T* s, vd out[G]) {
+  if constexpr (VL == 8) {
+    split8(cvt8(s), out);
+  } else {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (std::is_same<T, BFloat16>::value) {
+      for (int h = 0; h < 2; ++h) {
+        const __m128i u = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 4 * h)));
+        const __m256d d = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(u, 16)));
+        std::memcpy(&out[h], &d, sizeof d);
+      }
+      return;
+    } else if constexpr (std::is_same<T, float>::value) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(s + 4 * h));
+        std::memcpy(&out[h], &d, sizeof d);
+      }
+      return;
+    } else if constexpr (std::is_same<T, double>::value) {
+      for (int h = 0; h < 2; ++h) out[h] = load(s + 4 * h);
+      return;
+    }
+#endif
+    split8(cvt8(s), out);
+  }
+}
+
+// The same for contiguous rows without a row shift over the whole groups [f0, f0 + w8): a branch-free
+// loop whose accumulators (G native vectors per pair), operands and row pointers stay in registers.
+template <typename T, bool CS, int A, int B, bool D>
+static void ftile_fast(const RowItem& it, int64_t i0, int64_t j0, int64_t f0, int64_t w8, double* __restrict vacc,
+                       double* __restrict rsum, int64_t rows) {
+  vd acc[A][B][G];
+  for (int p = 0; p < A; ++p)
+    for (int q = 0; q < B; ++q)
+      for (int g = 0; g < G; ++g)
+        acc[p][q][g] = (!D || q >= p) ? load(vacc + ((i0 + p) * rows + j0 + q) * 8 + g * VL) : vd{};
+  vd rs[A][G];
+  for (int p = 0; p < A; ++p)
+    for (int g = 0; g < G; ++g) rs[p][g] = D ? load(rsum + (i0 + p) * 8 + g * VL) : vd{};
+  const T* x = static_cast<const T*>(it.x) + f0;
+  const int64_t ld = it.stride_r;
+  const T* pa = x + i0 * ld;
+  const T* pb = x + j0 * ld;
+  const double* csh = CS ? it.col_shift + f0 : nullptr;
+  for (int64_t c = 0; c < w8; c += 8) {
+    if ((c & 31) == 0)
+      for (int p = 0; p < A; ++p) __builtin_prefetch(pa + p * ld + c + kTilePrefetchBytes / sizeof(T));
+    vd cs[G];
+    if (CS)
+      for (int g = 0; g < G; ++g) cs[g] = load(csh + c + g * VL);
+    vd a[A][G];
+    for (int p = 0; p < A; ++p) {
+      cvtg(pa + p * ld + c, a[p]);
+      if (CS)
+        for (int g = 0; g < G; ++g) a[p][g] -= cs[g];
+    }
+    if (D) {
+      for (int p = 0; p < A; ++p)
+        for (int g = 0; g < G; ++g) {
+          rs[p][g] += a[p][g];
+          for (int q = p; q < B; ++q) acc[p][q][g] += a[p][g] * a[q][g];
+        }
+    } else {
+      for (int q = 0; q < B; ++q) {
+        vd bq[G];
+        cvtg(pb + q * ld + c, bq);
+        for (int g = 0; g < G; ++g) {
+          if (CS) bq[g] -= cs[g];
+          for (int p = 0; p < A; ++p) acc[p][q][g] += a[p][g] * bq[g];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < A; ++p)
+    for (int q = (D ? p : 0); q < B; ++q)
+      for (int g = 0; g < G; ++g) store(vacc + ((i0 + p) * rows + j0 + q) * 8 + g * VL, acc[p][q][g]);
+  if (D)
+    for (int p = 0; p < A; ++p)
+      for (int g = 0; g < G; ++g) store(rsum + (i0 + p) * 8 + g * VL, rs[p][g]);
+}
+
+template <typename T, bool CS, int A, int B, bool D>
+static inline void ftile(const RowItem& it, int64_t i0, int64_t j0, int64_t f0, int64_t w, double* vacc, double* rsum,
+                         int64_t rows) {
+  int64_t c0 = 0;
+  if (it.stride_c == 1 && !it.row_shift) {
+    c0 = w / 8 * 8;
+    if (c0) ftile_fast<T, CS, A, B, D>(it, i0, j0, f0, c0, vacc, rsum, rows);
+  }
+  if (c0 < w) ftile_any<T, CS, A, B, D>(it, i0, j0, f0, c0, w, vacc, rsum, rows);
+}
+
+template <typename T, bool CS, int A>
+static inline void ftile_diag(const RowItem& it, int64_t i0, int64_t f0, int64_t w, double* vacc, double* rsum,
+                              int64_t rows) {
+  ftile<T, CS, A, A, true>(it, i0, i0, f0, w, vacc, rsum, rows);
+}
+
+template <typename T, bool CS>
+static void fused_t(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum) {
+  const int64_t rows = it.rows;
+  for (int64_t i0 = 0; i0 < rows; i0 += RT) {
+    const int a = static_cast<int>(std::min<int64_t>(RT, rows - i0));
+    switch (a) {
+      case 1: ftile_diag<T, CS, 1>(it, i0, f0, w, vacc, rsum, rows); break;
+      case 2: ftile_diag<T, CS, 2>(it, i0, f0, w, vacc, rsum, rows); break;
+      case 3: if constexpr (RT >= 3) ftile_diag<T, CS, 3>(it, i0, f0, w, vacc, rsum, rows); break;
+      case 4: if constexpr (RT >= 4) ftile_diag<T, CS, 4>(it, i0, f0, w, vacc, rsum, rows); break;
+      default: if constexpr (RT >= 5) ftile_diag<T, CS, RT>(it, i0, f0, w, vacc, rsum, rows); break;
+    }
+    // off-diagonal tiles: the i-block is full (only the last block can be short, and it has none)
+    for (int64_t j0 = i0 + RT; j0 < rows; j0 += RT) {
+      const int b = static_cast<int>(std::min<int64_t>(RT, rows - j0));
+      switch (b) {
+        case 1: ftile<T, CS, RT, 1, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
+        case 2: if constexpr (RT >= 2) ftile<T, CS, RT, 2, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
+        case 3: if constexpr (RT >= 3) ftile<T, CS, RT, 3, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
+        case 4: if constexpr (RT >= 4) ftile<T, CS, RT, 4, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
+        default: if constexpr (RT >= 5) ftile<T, CS, RT, RT, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
+      }
+    }
+  }
+}
+
+template <typename T>
+static void fused_dt(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum) {
+  if (it.col_shift) fused_t<T, true>(it, f0, w, vacc, rsum);
+  else fused_t<T, false>(it, f0, w, vacc, rsum);
+}
+
+void fused(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum) {
+  switch (it.dtype) {
+    case DType::kFloat64: fused_dt<double>(it, f0, w, vacc, rsum); break;
+    case DType::kFloat32: fused_dt<float>(it, f0, w, vacc, rsum); break;
+    case DType::kFloat16: fused_dt<Half>(it, f0, w, vacc, rsum); break;
+    case DType::kBFloat16: fused_dt<BFloat16>(it, f0, w, vacc, rsum); break;
+  }
 }
 
 // Calls f.template operator()<RS, CS, SUM>() for the shifts and row sum the item has.
@@ -147,109 +314,6 @@ static inline void with_flags(const RowItem& it, bool sum, F&& f) {
     case 5: f.template operator()<true, false, true>(); break;
     case 6: f.template operator()<true, true, false>(); break;
     default: f.template operator()<true, true, true>(); break;
-  }
-}
-
-template <typename T, bool RS, bool CS, bool SUM>
-static void convert_rows(const RowItem& it, int64_t f0, int64_t w, double* __restrict s, int64_t ld,
-                         double* row_sum) {
-  for (int64_t i = 0; i < it.rows; ++i) {
-    double* __restrict dst = s + i * ld;
-    const double rs = convert_row<T, RS, CS, SUM>(
-        it, i, f0, w, [dst](int64_t c, p8d v, int) __attribute__((always_inline)) { store8(dst + c, v); });
-    if (SUM) row_sum[i] += rs;
-  }
-}
-
-template <typename T>
-struct ConvertCall {
-  const RowItem& it; int64_t f0, w; double* s; int64_t ld; double* row_sum;
-  template <bool RS, bool CS, bool SUM>
-  void operator()() const {
-    convert_rows<T, RS, CS, SUM>(it, f0, w, s, ld, row_sum);
-  }
-};
-
-template <typename T>
-static void convert_t(const RowItem& it, int64_t f0, int64_t w, double* s, int64_t ld, double* row_sum) {
-  with_flags(it, row_sum != nullptr, ConvertCall<T>{it, f0, w, s, ld, row_sum});
-}
-
-void convert(const RowItem& it, int64_t f0, int64_t w, double* s, int64_t ld, double* row_sum) {
-  switch (it.dtype) {
-    case DType::kFloat64: convert_t<double>(it, f0, w, s, ld, row_sum); break;
-    case DType::kFloat32: convert_t<float>(it, f0, w, s, ld, row_sum); break;
-    case DType::kFloat16: convert_t<Half>(it, f0, w, s, ld, row_sum); break;
-    case DType::kBFloat16: convert_t<BFloat16>(it, f0, w, s, ld, row_sum); break;
-  }
-}
-
-// acc[p][q] (vectors along the features) += rows i0+p . rows j0+q over wp features, for an A x B tile;
-// a diagonal tile (i0 == j0, A == B) only for q >= p. The accumulators live in vacc between blocks.
-template <int A, int B, bool D>
-static inline void dot_tile(const double* __restrict s, int64_t ld, int64_t i0, int64_t j0, int64_t wp,
-                            double* __restrict vacc, int64_t rows) {
-  vd acc[A][B];
-  for (int p = 0; p < A; ++p)
-    for (int q = 0; q < B; ++q)
-      acc[p][q] = (!D || q >= p) ? load(vacc + ((i0 + p) * rows + j0 + q) * VL) : vd{};
-  const double* __restrict pi = s + i0 * ld;
-  const double* __restrict pj = s + j0 * ld;
-  for (int64_t k = 0; k < wp; k += VL) {
-    vd a[A];
-    for (int p = 0; p < A; ++p) a[p] = load(pi + p * ld + k);
-    if (D) {
-      for (int p = 0; p < A; ++p)
-        for (int q = p; q < B; ++q) acc[p][q] += a[p] * a[q];
-    } else {
-      for (int q = 0; q < B; ++q) {
-        const vd b = load(pj + q * ld + k);
-        for (int p = 0; p < A; ++p) acc[p][q] += a[p] * b;
-      }
-    }
-  }
-  for (int p = 0; p < A; ++p)
-    for (int q = (D ? p : 0); q < B; ++q) store(vacc + ((i0 + p) * rows + j0 + q) * VL, acc[p][q]);
-}
-
-// Tile of a x b rows (1 <= a, b <= RT; a diagonal one when D) with compile-time sizes.
-template <int A, bool D>
-static inline void dot_tile_b(int b, const double* s, int64_t ld, int64_t i0, int64_t j0, int64_t wp, double* vacc,
-                              int64_t rows) {
-  if (D) {
-    dot_tile<A, A, true>(s, ld, i0, j0, wp, vacc, rows);
-    return;
-  }
-  switch (b) {
-    case 1: dot_tile<A, 1, false>(s, ld, i0, j0, wp, vacc, rows); break;
-    case 2: dot_tile<A, 2, false>(s, ld, i0, j0, wp, vacc, rows); break;
-    case 3: dot_tile<A, 3, false>(s, ld, i0, j0, wp, vacc, rows); break;
-    case 4: if constexpr (RT >= 4) dot_tile<A, 4, false>(s, ld, i0, j0, wp, vacc, rows); break;
-    default: if constexpr (RT >= 5) dot_tile<A, 5, false>(s, ld, i0, j0, wp, vacc, rows); break;
-  }
-}
-
-template <bool D>
-static inline void dot_tile_ab(int a, int b, const double* s, int64_t ld, int64_t i0, int64_t j0, int64_t wp,
-                               double* vacc, int64_t rows) {
-  switch (a) {
-    case 1: dot_tile_b<1, D>(b, s, ld, i0, j0, wp, vacc, rows); break;
-    case 2: dot_tile_b<2, D>(b, s, ld, i0, j0, wp, vacc, rows); break;
-    case 3: dot_tile_b<3, D>(b, s, ld, i0, j0, wp, vacc, rows); break;
-    case 4: if constexpr (RT >= 4) dot_tile_b<4, D>(b, s, ld, i0, j0, wp, vacc, rows); break;
-    default: if constexpr (RT >= 5) dot_tile_b<5, D>(b, s, ld, i0, j0, wp, vacc, rows); break;
-  }
-}
-
-// Tiles of RT rows (the last one shorter) over the upper triangle of row pairs.
-void dot(const double* s, int64_t ld, int64_t rows, int64_t wp, double* vacc) {
-  for (int64_t i0 = 0; i0 < rows; i0 += RT) {
-    const int a = static_cast<int>(std::min<int64_t>(RT, rows - i0));
-    dot_tile_ab<true>(a, a, s, ld, i0, i0, wp, vacc, rows);
-    for (int64_t j0 = i0 + RT; j0 < rows; j0 += RT) {
-      const int b = static_cast<int>(std::min<int64_t>(RT, rows - j0));
-      dot_tile_ab<false>(a, b, s, ld, i0, j0, wp, vacc, rows);
-    }
   }
 }
 
@@ -370,7 +434,7 @@ void pack(const RowItem& it, int64_t f0, int64_t w, double* pk, double* row_sum)
 
 }  // namespace rowgram
 
-extern const RowGramTable rowgram_table = {&rowgram::convert, &rowgram::dot, &rowgram::pack, &tiles, VL};
+extern const RowGramTable rowgram_table = {&rowgram::fused, &rowgram::pack, &tiles, VL};
 
 }  // namespace RANKME_ISA_NS
 }  // namespace rankme
