@@ -301,6 +301,20 @@ class _RawReader(Reader):
                 self._pread(cols[j], self._offset + (j * self.n_rows + r0) * dt.itemsize, r0, r1)
             out = np.empty((m, d), dtype=dt.newbyteorder("="))
             out[...] = cols.T
+        elif getattr(self, "_strides", None) is not None:  # any other strided view: read the span it touches
+            s0, s1 = self._strides
+            span = ((m - 1) * s0 + (d - 1) * s1 + 1) * dt.itemsize
+            if span > max(GENERAL_VIEW_SPAN, 8 * nbytes):
+                raise ValueError(f"{self.path}: {self.what}is a view with strides {self._strides} (neither row- nor "
+                                 f"column-major): reading rows {r0}..{r1} would read {span} bytes of its storage "
+                                 f"for {nbytes} bytes of values; save x.contiguous() (or read fewer rows at a "
+                                 "time, --chunk-rows)")
+            raw = np.empty(span, dtype=np.uint8)
+            self._pread(raw, self._offset + r0 * s0 * dt.itemsize, r0, r1)
+            out = np.lib.stride_tricks.as_strided(raw.view(dt), shape=(m, d), strides=(s0 * dt.itemsize,
+                                                                                    s1 * dt.itemsize)).copy()
+            t = torch.from_numpy(out)
+            return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
         elif getattr(self, "_row_stride", d) != d:  # padded rows (a column slice): read the span, keep d of each
             rs = self._row_stride
             span = ((m - 1) * rs + d) * dt.itemsize
@@ -476,6 +490,9 @@ def _pick_from_mapping(path: str, items: dict, key: Optional[str], kind: str):
     raise ValueError(f"{path}: holds several 2-D {kind}s {sorted(cands)}; {_CHOOSE_KEY}")
 
 
+GENERAL_VIEW_SPAN = 256 << 20  # bytes of storage one chunk of a scattered .pt view may read
+
+
 def _pt_layout(t: torch.Tensor) -> Optional[str]:
     """"C" for rows of contiguous values at a constant row stride ≥ d (contiguous, or a column slice of a
     wider tensor), "F" for column-major (x.T saved), None otherwise."""
@@ -491,10 +508,12 @@ def _pt_layout(t: torch.Tensor) -> Optional[str]:
 
 class PtReader(_RawReader):
     """``torch.load(weights_only=True, mmap=True)`` parses the file and checks the tensor; the rows of a
-    row-major tensor (contiguous or with padded rows) or a column-major one (a zip-format file stores
-    the storage as one uncompressed record) are then read with ``os.preadv`` from its offset in the file,
-    and torch's mapping is dropped, so a file that shrinks while it is read is an error, not a SIGBUS.
-    Other layouts (and the legacy format, loaded into memory) are copied from the tensor torch returns."""
+    row-major tensor (contiguous or with padded rows), a column-major one or any other 2-D strided view (a
+    zip-format file stores the storage as one uncompressed record) are then read with ``os.preadv`` from
+    its offset in the file, and torch's mapping is dropped, so a file that shrinks while it is read is an
+    error, not a SIGBUS. A view whose rows are scattered over its storage reads the span each chunk
+    touches (refused beyond max(GENERAL_VIEW_SPAN, 8 × the chunk)). The legacy format, loaded into memory,
+    is copied from the tensor torch returns."""
 
     _t = None
 
@@ -581,9 +600,11 @@ class PtReader(_RawReader):
         self._check_strides(t)
         fd = _open_regular(self.path)
         try:
-            # row-major (rows possibly padded: a column slice of a wider tensor) or column-major (a saved x.T):
-            # both read with preadv; other views stay on torch's mapping
+            # row-major (rows possibly padded: a column slice of a wider tensor), column-major (a saved x.T) or
+            # any other 2-D strided view: all read with preadv from the storage's record in the file
             layout = _pt_layout(t)
+            if layout is None and t.ndim == 2:
+                layout = "S"
             use = layout is not None and t.numel() and sys.byteorder == "little"  # zip records are little-endian
             off = self._file_offset(t, os.fstat(fd)) if use else None
         except BaseException:
@@ -600,7 +621,11 @@ class PtReader(_RawReader):
         self._offset = off + t.storage_offset() * isz
         self._fortran, self._native = layout == "F", True
         self._row_stride = t.stride(0) if layout == "C" else self.n_features  # elements between rows
-        span = (self.n_rows - 1) * self._row_stride + self.n_features if layout == "C" else t.numel()
+        self._strides = (t.stride(0), t.stride(1)) if layout == "S" else None
+        if layout == "S":
+            span = (self.n_rows - 1) * t.stride(0) + (self.n_features - 1) * t.stride(1) + 1
+        else:
+            span = (self.n_rows - 1) * self._row_stride + self.n_features if layout == "C" else t.numel()
         self._need = span * isz
 
     def _file_offset(self, t: torch.Tensor, st: os.stat_result) -> Optional[int]:

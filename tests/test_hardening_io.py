@@ -400,8 +400,9 @@ out = {}
 wide = torch.from_numpy(np.random.default_rng(1).standard_normal((100_000, 80)).astype(np.float32))
 views = {"pt": torch.from_numpy(x),
          "T.pt": torch.from_numpy(np.ascontiguousarray(x.T)).T,  # column-major: a saved x.T
-         "slice.pt": wide[:, 8:72]}                                # rows padded: a column slice
-for fmt in ("npy", "safetensors", "pt", "T.pt", "slice.pt"):
+         "slice.pt": wide[:, 8:72],                                # rows padded: a column slice
+         "S.pt": torch.from_numpy(np.concatenate([x, x], 1))[:, ::2]}  # neither: strides (2d, 2)
+for fmt in ("npy", "safetensors", "pt", "T.pt", "slice.pt", "S.pt"):
     for how in ("truncate", "rewrite"):
         p = f"{how}.{fmt}"
         if fmt == "npy":
@@ -432,30 +433,34 @@ def test_file_shrinking_while_read_is_a_clean_error(tmp_path):
     res = run_python(TRUNCATE_CHILD, tmp_path, check=False, timeout=120)
     assert res.returncode == 0, f"rc={res.returncode} (-7 = SIGBUS)\n{res.stdout}\n{res.stderr[-2000:]}"
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(out) == 10
+    assert len(out) == 12
     for p, msg in out.items():
         assert re.fullmatch(rf"{re.escape(p)}: (tensor 'emb' )?truncated while being read: rows \d+\.\.\d+ need "
                             r"bytes up to \d+ but the file now has \d+ bytes \(rewritten or cut by another "
                             r"process\?\)", msg), msg
 
 
-@pytest.mark.parametrize("layout", ("transposed", "column_slice", "row_slice_of_transposed"))
+@pytest.mark.parametrize("layout", ("transposed", "column_slice", "row_slice_of_transposed", "every_other_column"))
 def test_strided_pt_tensors_are_read_exactly(tmp_path, layout):
-    """A saved x.T (column-major) and a column slice of a wider tensor (padded rows) are read with preadv
-    like a contiguous tensor; a layout that is neither stays on torch's mapping. Same RankMe either way."""
+    """A saved x.T (column-major), a column slice of a wider tensor (padded rows) and views that are neither
+    (every other row of x.T, every other column) are all read with preadv from the file, never from torch's
+    mapping (a shrinking file is then an error, not a SIGBUS). Same RankMe as the contiguous tensor."""
     g = torch.Generator().manual_seed(4)
     base = torch.randn(3000, 40, generator=g, dtype=torch.float64) * torch.logspace(0, -1, 40, dtype=torch.float64)
     if layout == "transposed":
         t = base.T.contiguous().T
     elif layout == "column_slice":
         t = torch.cat([base, base[:, :9]], 1)[:, 3:43]
-    else:  # neither row- nor column-major with a constant stride: mapped
+    elif layout == "row_slice_of_transposed":  # neither row- nor column-major: strides (2, n)
         t = base.T.contiguous().T[::2]
+    else:  # strides (2d, 2): every other column of [base, other] (full rank)
+        other = torch.randn(3000, 40, generator=g, dtype=torch.float64)
+        t = torch.cat([base, other], 1)[:, ::2]
     p = tmp_path / "x.pt"
     torch.save(t, p)
     r = rio.open_reader(str(p))
     r.read(0, 1)
-    assert (r._fd is not None) == (layout != "row_slice_of_transposed")
+    assert r._fd is not None and r._t is None
     r.close()
     got = score(str(p), metrics="rankme", chunk_rows=700, progress=False)
     want = np_rankme(ref_sv(t.contiguous()).numpy())
@@ -500,3 +505,23 @@ def test_kept_chunks_are_not_overwritten_by_buffer_reuse(tmp_path):
         r.close()
     assert torch.equal(torch.cat(kept), torch.from_numpy(x))
     assert np.allclose(dropped, [x[i:i + 300].sum(dtype=np.float64) for i in range(0, 5000, 300)], rtol=1e-5)
+
+
+def test_scattered_pt_view_beyond_the_span_bound_is_refused(tmp_path, monkeypatch):
+    """A view whose chunk of rows spans far more storage than it holds (every other row of a saved x.T: each
+    row touches every column of the storage) reads that span; beyond the bound it is a clear error naming
+    the file and the remedy, never a huge read."""
+    base = torch.randn(2000, 16, dtype=torch.float64)
+    t = base.T.contiguous().T[::2]  # strides (2, 2000)
+    p = tmp_path / "s.pt"
+    torch.save(t, p)
+    monkeypatch.setattr(rio, "GENERAL_VIEW_SPAN", 4096)
+    r = rio.open_reader(str(p))
+    try:
+        got = r.read(0, 1000)  # the span (~256 KB) is within 8 x the chunk's 128 KB: read
+        assert torch.equal(got, t[:1000])
+        with pytest.raises(ValueError, match=r"s\.pt: is a view with strides \(2, 2000\) \(neither row- nor "
+                                             r"column-major\).*save x\.contiguous\(\)"):
+            r.read(0, 10)  # 10 rows (1.3 KB) would read ~256 KB of storage
+    finally:
+        r.close()
