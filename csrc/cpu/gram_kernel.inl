@@ -48,6 +48,34 @@ static inline void micro(const double* __restrict ip, const double* __restrict j
   }
 }
 
+// AVX2 (16 vector registers): MR=4 rows x 3 column vectors (12 columns, which may straddle two j-panels)
+// = 12 accumulators + 3 + 1 operands, where the 4 x 1-panel tile of micro<1> has only 8 accumulators —
+// too few to cover the FMA latency on two pipes. bq: the 3 vectors' packed columns (advancing kPanel per
+// row r), cq: their columns in C.
+static inline void micro43(const double* __restrict ip, const double* __restrict b0, const double* __restrict b1,
+                           const double* __restrict b2, int64_t kc, double* c0, double* c1, double* c2,
+                           int64_t ldc) {
+  vd acc[4][3];
+  for (int m = 0; m < 4; ++m)
+    for (int v = 0; v < 3; ++v) acc[m][v] = vd{};
+  for (int64_t r = 0; r < kc; ++r) {
+    const vd x0 = load(b0 + r * kPanel), x1 = load(b1 + r * kPanel), x2 = load(b2 + r * kPanel);
+    const double* a = ip + r * kPanel;
+    for (int m = 0; m < 4; ++m) {
+      const double s = a[m];
+      acc[m][0] += s * x0;
+      acc[m][1] += s * x1;
+      acc[m][2] += s * x2;
+    }
+  }
+  double* cs[3] = {c0, c1, c2};
+  for (int m = 0; m < 4; ++m)
+    for (int v = 0; v < 3; ++v) {
+      double* p = cs[v] + m * ldc;
+      store(p, load(p) + acc[m][v]);
+    }
+}
+
 // Upper-triangle tiles of one packed chunk for j-panels [jp0, jp1).
 void tiles(const double* pack, int64_t kc, int64_t np, int64_t jp0, int64_t jp1, double* g, int64_t ldg) {
   const int64_t pstride = kc * kPanel;
@@ -63,9 +91,19 @@ void tiles(const double* pack, int64_t kc, int64_t np, int64_t jp0, int64_t jp1,
       for (int64_t m0 = 0; m0 < kPanel; m0 += MR) {
         double* crow = g + (ipn * kPanel + m0) * ldg;
         int64_t j = js;
-        for (; j + NJ <= b1; j += NJ)
-          micro<NJ>(ipan + m0, pack + j * pstride, pstride, kc, crow + j * kPanel, ldg);
-        if (NJ >= 3 && j + 2 <= b1) {
+        if constexpr (VL == 4 && MR == 4 && NJ == 3) {  // 3 panels = 6 vectors = two 4 x 3-vector tiles
+          for (; j + 3 <= b1; j += 3) {
+            const double* jb = pack + j * pstride;
+            double* cj = crow + j * kPanel;
+            micro43(ipan + m0, jb, jb + VL, jb + pstride, kc, cj, cj + VL, cj + kPanel, ldg);
+            micro43(ipan + m0, jb + pstride + VL, jb + 2 * pstride, jb + 2 * pstride + VL, kc, cj + kPanel + VL,
+                    cj + 2 * kPanel, cj + 2 * kPanel + VL, ldg);
+          }
+        } else {
+          for (; j + NJ <= b1; j += NJ)
+            micro<NJ>(ipan + m0, pack + j * pstride, pstride, kc, crow + j * kPanel, ldg);
+        }
+        if (NJ >= 3 && VL == 8 && j + 2 <= b1) {  // (AVX2: a 4 x 2-panel tile would spill)
           micro<2>(ipan + m0, pack + j * pstride, pstride, kc, crow + j * kPanel, ldg);
           j += 2;
         }
