@@ -89,6 +89,12 @@ def np_rankme(sv, eps: float = 1e-7) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
+def np_collapse_auc(sv) -> float:
+    """Collapse AUC from DESIGN §2, in NumPy float64: the mean of the normalised cumulative σ."""
+    s = np.asarray(sv, dtype=np.float64)
+    return float(np.mean(np.cumsum(s) / s.sum()))
+
+
 def rel_err(got, want) -> float:
     got = float(got)
     want = float(want)

@@ -37,8 +37,8 @@ def main() -> int:
     source = cfg.get("source_of_rank", {}).get(str(rank), cfg["source"])
     init = dist_score.init_from_env()
     again = dist_score.init_from_env()  # an existing group is used as it is
-    if cfg.get("mode") == "score":  # rf.score / rf.compare with distributed=True (issue 16)
-        try:
+    try:
+        if cfg.get("mode") == "score":  # rf.score / rf.compare with distributed=True (issue 16)
             res = rankme_fast.score(source, "rankme,collapse_auc", distributed=True, convergence=True, seed=5,
                                     chunk_rows=cfg.get("chunk_rows"), max_rows=cfg.get("max_rows"))
             cmp = rankme_fast.compare(cfg["compare"], metrics="rankme,collapse_auc", distributed=True,
@@ -46,14 +46,6 @@ def main() -> int:
             torch.save({"score": res.as_dict(), "compare": cmp.as_dict(), "reads": reads},
                        os.path.join(out, f"rank{rank}.pt"))
             return 0
-        except Exception as exc:  # noqa: BLE001
-            with open(os.path.join(out, f"rank{rank}.error.json"), "w") as f:
-                json.dump({"type": type(exc).__name__, "message": str(exc), "reads": reads, "init": list(init)}, f)
-            traceback.print_exc()
-            return 3
-        finally:
-            dist_score.shutdown()
-    try:
         acc, info = dist_score.accumulate_distributed(source, max_rows=cfg.get("max_rows"),
                                                       chunk_rows=cfg.get("chunk_rows"), backend=cfg.get("backend"))
         result = {

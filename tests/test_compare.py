@@ -18,21 +18,10 @@ import torch
 import rankme_fast as rf
 from rankme_fast.cli import main
 from rankme_fast.compare import correlations, default_names, read_labels
-from tests.conftest import ref_sv
+from tests.conftest import np_collapse_auc, np_rankme, ref_sv
 
 stats = pytest.importorskip("scipy.stats")
 TOL = 1e-9
-
-
-def np_rankme(sv, eps=1e-7) -> float:
-    s = np.asarray(sv, dtype=np.float64)
-    p = s / s.sum() + eps
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def np_collapse_auc(sv) -> float:
-    s = np.asarray(sv, dtype=np.float64)
-    return float(np.mean(np.cumsum(s) / s.sum()))
 
 
 def rel(a, b) -> float:

@@ -22,21 +22,10 @@ if not _PL:
     pytest.skip("neither lightning nor pytorch_lightning is installed", allow_module_level=True)
 
 from rankme_fast.integrations.lightning import RankMeCallback  # noqa: E402
-from tests.conftest import ref_sv  # noqa: E402
+from tests.conftest import np_collapse_auc, np_rankme, ref_sv  # noqa: E402
 from tests.lt_models import loaders, make_module, make_recorder  # noqa: E402
 
 TOL = 1e-9
-
-
-def np_rankme(sv) -> float:
-    s = np.asarray(sv, dtype=np.float64)
-    p = s / s.sum() + 1e-7
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def np_collapse_auc(sv) -> float:
-    s = np.asarray(sv, dtype=np.float64)
-    return float(np.mean(np.cumsum(s) / s.sum()))
 
 
 def rel(a, b) -> float:
