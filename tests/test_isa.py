@@ -29,9 +29,14 @@ def _env(isa):
     return env
 
 
-def _py(code, isa, timeout=600):
-    return subprocess.run([sys.executable, "-c", code], env=_env(isa), cwd=str(ROOT), capture_output=True, text=True,
-                          timeout=timeout)
+def _py(code, isa, timeout=600, cwd=None):
+    """``python -c code`` with RANKME_FAST_ISA=isa; outside the checkout by default, so that ``import
+    rankme_fast`` finds the installed package (with its extension) before the source tree."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run([sys.executable, "-c", code], env=_env(isa), cwd=str(cwd or tmp), capture_output=True,
+                              text=True, timeout=timeout)
 
 
 def _supported():
@@ -72,7 +77,8 @@ def test_native_grid_under_forced_isa(isa):
     if isa not in _supported():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     r = _py("import sys, pytest; sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', "
-            "'tests/test_native.py', 'tests/test_rowgram.py', '-k', 'not avx2_variant']))", isa, timeout=1200)
+            "'tests/test_native.py', 'tests/test_rowgram.py', '-k', 'not avx2_variant']))", isa, timeout=1200,
+            cwd=ROOT)  # tests/conftest.py prefers the installed package
     tail = (r.stdout + r.stderr)[-3000:]
     assert r.returncode == 0, tail
     assert " passed" in r.stdout and " failed" not in r.stdout, tail
