@@ -134,6 +134,26 @@ static inline p8d load8(const Half* s) {
   return v;
 }
 
+// Four contiguous values upcast to a 4-wide vector (AVX2 packing), exact for all dtypes.
+typedef float p4f __attribute__((vector_size(4 * sizeof(float))));
+typedef uint16_t p4h __attribute__((vector_size(4 * sizeof(uint16_t))));
+typedef uint32_t p4u __attribute__((vector_size(4 * sizeof(uint32_t))));
+typedef double v4d __attribute__((vector_size(4 * sizeof(double))));
+static inline vd as_vd(v4d x) { vd v; std::memcpy(&v, &x, sizeof v < sizeof x ? sizeof v : sizeof x); return v; }
+static inline vd load4(const double* s) { v4d v; std::memcpy(&v, s, sizeof v); return as_vd(v); }
+static inline vd load4(const float* s) { p4f v; std::memcpy(&v, s, sizeof v); return as_vd(__builtin_convertvector(v, v4d)); }
+static inline vd load4(const BFloat16* s) {
+  p4h h; std::memcpy(&h, s, sizeof h);
+  const p4u u = __builtin_convertvector(h, p4u) << 16;
+  p4f f; std::memcpy(&f, &u, sizeof f);
+  return as_vd(__builtin_convertvector(f, v4d));
+}
+static inline vd load4(const Half* s) {
+  v4d v;
+  for (int c = 0; c < 4; ++c) v[c] = to_double(s[c]);
+  return as_vd(v);
+}
+
 template <typename T>
 static void pack_t(const GramArgs& a, int64_t r0, int64_t kc, int64_t p0, int64_t p1, double* __restrict pack,
                    double* colsum) {
@@ -149,7 +169,26 @@ static void pack_t(const GramArgs& a, int64_t r0, int64_t kc, int64_t p0, int64_
       for (int64_t c = 0; c < nc; ++c) csh[c] = a.col_shift[c0 + c];
     p8d cs = {0, 0, 0, 0, 0, 0, 0, 0};
     const T* src = x + r0 * a.stride_r + c0 * a.stride_c;
-    if (nc == kPanel && a.stride_c == 1) {
+    if (nc == kPanel && a.stride_c == 1 && VL == 4) {
+      // 16 ymm registers: two 4-wide halves (GCC keeps a 64-byte vector of an AVX2 build in memory, with
+      // a store and reload of every piece)
+      vd c0, c1, s0 = vd{}, s1 = vd{};
+      std::memcpy(&c0, &csh, sizeof c0);
+      std::memcpy(&c1, reinterpret_cast<const char*>(&csh) + sizeof c0, sizeof c1);
+      for (int64_t r = 0; r < kc; ++r, src += a.stride_r) {
+        vd v0 = load4(src) - c0, v1 = load4(src + 4) - c1;
+        if (a.row_shift) {
+          v0 -= a.row_shift[r0 + r];
+          v1 -= a.row_shift[r0 + r];
+        }
+        store(dst + r * kPanel, v0);
+        store(dst + r * kPanel + 4, v1);
+        s0 += v0;
+        s1 += v1;
+      }
+      std::memcpy(&cs, &s0, sizeof s0);
+      std::memcpy(reinterpret_cast<char*>(&cs) + sizeof s0, &s1, sizeof s1);
+    } else if (nc == kPanel && a.stride_c == 1) {
       for (int64_t r = 0; r < kc; ++r, src += a.stride_r) {
         p8d v = load8(src) - csh;
         if (a.row_shift) v -= a.row_shift[r0 + r];
