@@ -356,6 +356,56 @@ static void pack_panel(const RowItem& it, int64_t r0, int nr, int64_t f0, int64_
   const double* csh = CS ? it.col_shift + f0 : nullptr;
   p8d acc[8] = {};
   int64_t c = 0;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // 16 ymm registers: an 8-wide vector of this build lives in memory (GCC stores and reloads every piece),
+  // so full panels of contiguous rows go through 4 x 4 transposes of 4-wide halves; the same values and
+  // the same per-lane sums as the general loop below.
+  if (sc == 1 && nr == 8) {
+    alignas(32) double sums[8][8] = {};
+    for (; c + 8 <= w; c += 8) {
+      vd csl = vd{}, csh4 = vd{};
+      if (CS) {
+        csl = load(csh + c);
+        csh4 = load(csh + c + 4);
+      }
+      for (int h = 0; h < 2; ++h) {  // rows 4h .. 4h + 3
+        __m256d lo[4], hi[4];
+        for (int k = 0; k < 4; ++k) {
+          const int m = 4 * h + k;
+          if ((c & 31) == 0) __builtin_prefetch(src[m] + c + kPrefetchBytes / sizeof(T));
+          vd g[2];
+          cvtg(src[m] + c, g);
+          if (RS) {
+            g[0] -= rsh[m];
+            g[1] -= rsh[m];
+          }
+          if (CS) {
+            g[0] -= csl;
+            g[1] -= csh4;
+          }
+          if (SUM) {
+            store(&sums[m][0], load(&sums[m][0]) + g[0]);
+            store(&sums[m][4], load(&sums[m][4]) + g[1]);
+          }
+          std::memcpy(&lo[k], &g[0], sizeof lo[k]);
+          std::memcpy(&hi[k], &g[1], sizeof hi[k]);
+        }
+        for (int half = 0; half < 2; ++half) {  // features c + 4 half .. + 3
+          const __m256d* r = half ? hi : lo;
+          const __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+          const __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+          double* out = dst + (c + 4 * half) * kPanel + 4 * h;
+          _mm256_storeu_pd(out, _mm256_permute2f128_pd(t0, t2, 0x20));
+          _mm256_storeu_pd(out + kPanel, _mm256_permute2f128_pd(t1, t3, 0x20));
+          _mm256_storeu_pd(out + 2 * kPanel, _mm256_permute2f128_pd(t0, t2, 0x31));
+          _mm256_storeu_pd(out + 3 * kPanel, _mm256_permute2f128_pd(t1, t3, 0x31));
+        }
+      }
+    }
+    if (SUM)
+      for (int m = 0; m < 8; ++m) std::memcpy(&acc[m], sums[m], sizeof acc[m]);
+  }
+#endif
   for (; c + 8 <= w; c += 8) {
     p8d v[8], o[8];
     const p8d cv = CS ? load8(csh + c) : p8d{};
