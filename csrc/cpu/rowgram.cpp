@@ -50,9 +50,11 @@ const RowGramTable& rowgram_kernels() {
 }
 
 // Items up to this many rows use the dot kernel, longer ones the panel kernel (measured at d=4096 bf16,
-// one thread, AVX-512, fused dot kernel: L=24 dot 56 / panel 47 GFLOP/s, L=32 55 / 54, L=40 56 / 50,
-// L=48 51 / 58, L=64 53 / 71).
+// one thread, fused dot kernel. AVX-512: L=24 dot 56 / panel 47 GFLOP/s, L=32 55 / 54, L=40 56 / 50,
+// L=48 51 / 58, L=64 53 / 71. AVX2, whose 2 x 2 dot tiles upcast each row group many times: L=10 dot 17 /
+// panel 5 (with a half-empty second panel), L=16 18 / 27, L=24 18 / 33).
 constexpr int64_t kDotMaxRows = 40;
+constexpr int64_t kDotMaxRowsNarrow = 12;  // 4-wide vectors (AVX2) and the generic build
 // Panel kernel: features per packed block (a 512 x 8 panel is 32 KiB, L1-resident while it sweeps).
 constexpr int64_t kPanelBlock = 512;
 
@@ -134,7 +136,8 @@ Status row_gram_batch(const RowGramArgs& a) {
   if (!a.x) return kInvalidArgument;
 
   const RowGramTable& k = rowgram_kernels();
-  auto use_dot = [&](int64_t L) { return a.kernel == 1 || (a.kernel == 0 && L <= kDotMaxRows); };
+  const int64_t dot_max = k.vl_doubles >= 8 ? kDotMaxRows : kDotMaxRowsNarrow;
+  auto use_dot = [&](int64_t L) { return a.kernel == 1 || (a.kernel == 0 && L <= dot_max); };
 
   try {
     // items with rows, biggest first (ties by index): the order is fixed, only who takes what varies

@@ -358,9 +358,9 @@ static void pack_panel(const RowItem& it, int64_t r0, int nr, int64_t f0, int64_
   int64_t c = 0;
 #if defined(__AVX2__) && !defined(__AVX512F__)
   // 16 ymm registers: an 8-wide vector of this build lives in memory (GCC stores and reloads every piece),
-  // so full panels of contiguous rows go through 4 x 4 transposes of 4-wide halves; the same values and
-  // the same per-lane sums as the general loop below.
-  if (sc == 1 && nr == 8) {
+  // so panels of contiguous rows go through 4 x 4 transposes of 4-wide halves; the same values and the
+  // same per-lane sums as the general loop below.
+  if (sc == 1) {
     alignas(32) double sums[8][8] = {};
     for (; c + 8 <= w; c += 8) {
       vd csl = vd{}, csh4 = vd{};
@@ -372,8 +372,13 @@ static void pack_panel(const RowItem& it, int64_t r0, int nr, int64_t f0, int64_
         __m256d lo[4], hi[4];
         for (int k = 0; k < 4; ++k) {
           const int m = 4 * h + k;
+          vd g[2] = {vd{}, vd{}};
+          if (m >= nr) {  // rows beyond the item: zero lanes of the panel
+            std::memcpy(&lo[k], &g[0], sizeof lo[k]);
+            std::memcpy(&hi[k], &g[1], sizeof hi[k]);
+            continue;
+          }
           if ((c & 31) == 0) __builtin_prefetch(src[m] + c + kPrefetchBytes / sizeof(T));
-          vd g[2];
           cvtg(src[m] + c, g);
           if (RS) {
             g[0] -= rsh[m];
@@ -403,7 +408,7 @@ static void pack_panel(const RowItem& it, int64_t r0, int nr, int64_t f0, int64_
       }
     }
     if (SUM)
-      for (int m = 0; m < 8; ++m) std::memcpy(&acc[m], sums[m], sizeof acc[m]);
+      for (int m = 0; m < nr; ++m) std::memcpy(&acc[m], sums[m], sizeof acc[m]);
   }
 #endif
   for (; c + 8 <= w; c += 8) {
