@@ -274,3 +274,75 @@ def ref_metrics(x, names=tuple(REF_CENTER), center=None, eps: float = 1e-7) -> d
             sv[c] = ref_sv(x, center=c).numpy()
         out[m] = np_metric(sv[c], m, eps)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.distributed workers (tests/test_distributed.py, tests/test_dist_score.py)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    """The environment of one gloo worker: rendezvous variables, one OpenMP thread, and the package this
+    process imports (the source tree on its PYTHONPATH when nothing is installed)."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    for k in ("RANKME_FAST_BACKEND", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    pkg_parent = Path(rankme_fast.__file__).resolve().parents[1]
+    if pkg_parent == _ROOT:  # no installed package: this process itself runs the source tree
+        env["PYTHONPATH"] = str(pkg_parent) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _launch_ranks_once(cfg: dict, out: Path, worker: Path, world: int, timeout: float):
+    import json
+    import time
+
+    port = free_port()
+    logs, procs = [], []
+    try:
+        for r in range(world):
+            log = open(out / f"rank{r}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, str(worker), json.dumps(cfg), str(out)],
+                                          cwd=str(out), env=rank_env(r, world, port), stdout=log,
+                                          stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                for q in procs:
+                    q.wait()
+                text = "\n".join(f"--- rank {r}:\n{(out / f'rank{r}.log').read_text()}" for r in range(world))
+                pytest.fail(f"distributed workers hung (no exit within {timeout} s):\n{text}")
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+        for log in logs:
+            log.close()
+    return [p.returncode for p in procs], [(out / f"rank{r}.log").read_text() for r in range(world)]
+
+
+def launch_ranks(cfg: dict, tmp_path: Path, worker: Path, world: int = 2, timeout: float = 120):
+    """Run ``world`` processes of ``worker`` (argv: the JSON of ``cfg``, an output directory) as one gloo
+    group; return (return codes, logs, output directory). A hang fails the test after ``timeout`` seconds;
+    a port clash is retried."""
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        out.mkdir()
+        codes, logs = _launch_ranks_once(cfg, out, worker, world, timeout)
+        if not any("address already in use" in log.lower() for log in logs):
+            break
+    return codes, logs, out

@@ -14,10 +14,8 @@ import itertools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +27,9 @@ from rankme_fast import dist_score
 from rankme_fast.demo import make_embeddings
 from rankme_fast.dist_score import plan
 from rankme_fast.scoring import accumulate
-from tests.conftest import rel_err, sv_err
+from tests.conftest import free_port, launch_ranks, rank_env, rel_err, sv_err
 
 WORKER = Path(__file__).resolve().parent / "dist_score_worker.py"
-_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds for the whole group; a hang fails the test instead of blocking the suite
 TOL = 1e-9  # distributed vs single process: σ relative to σ_1, RankMe relative
 
@@ -168,63 +165,9 @@ def test_init_from_env_outside_torchrun(monkeypatch):
 # -- real processes ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(rank: int, world: int, port: int) -> dict:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-               WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    for k in ("RANKME_FAST_BACKEND", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
-        env.pop(k, None)
-    pkg_parent = Path(rankme_fast.__file__).resolve().parents[1]
-    if pkg_parent == _ROOT:  # no installed package: this process itself runs the source tree
-        env["PYTHONPATH"] = str(pkg_parent) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def _launch_once(cfg: dict, out: Path, world: int):
-    port = _free_port()
-    logs, procs = [], []
-    try:
-        for r in range(world):
-            log = open(out / f"rank{r}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(cfg), str(out)],
-                                          cwd=str(out), env=_env(r, world, port), stdout=log,
-                                          stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + TIMEOUT
-        for p in procs:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                for q in procs:
-                    q.wait()
-                text = "\n".join(f"--- rank {r}:\n{(out / f'rank{r}.log').read_text()}" for r in range(world))
-                pytest.fail(f"distributed workers hung (no exit within {TIMEOUT} s):\n{text}")
-    finally:
-        for q in procs:
-            if q.poll() is None:
-                q.kill()
-                q.wait()
-        for log in logs:
-            log.close()
-    return [p.returncode for p in procs], [(out / f"rank{r}.log").read_text() for r in range(world)]
-
-
 def launch(cfg: dict, tmp_path: Path, world: int = 2):
-    """Run ``world`` workers on ``cfg``; return (return codes, logs, out dir). Retries on a port clash."""
-    for attempt in range(3):
-        out = tmp_path / f"run{attempt}"
-        out.mkdir()
-        codes, logs = _launch_once(cfg, out, world)
-        if not any("address already in use" in log.lower() for log in logs):
-            break
-    return codes, logs, out
+    """Run ``world`` workers on ``cfg``; return (return codes, logs, out dir)."""
+    return launch_ranks(cfg, tmp_path, WORKER, world, TIMEOUT)
 
 
 def _write(path: Path, n: int, d: int, dtype=np.float32, seed: int = 3, offset: float = 2.0) -> np.ndarray:
@@ -413,8 +356,8 @@ def test_torchrun_cli_prints_once_and_equals_single_process(tmp_path):
     from rankme_fast.scoring import score
 
     src = _shards(tmp_path, [200, 180, 90], d=10)
-    port = _free_port()
-    env = _env(0, 1, port)
+    port = free_port()
+    env = rank_env(0, 1, port)
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),

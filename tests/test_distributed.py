@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,10 +21,9 @@ import rankme_fast
 from rankme_fast.demo import make_embeddings
 from rankme_fast.gram import GramAccumulator
 from rankme_fast.spectrum import EXACT_RANKME_RTOL
-from tests.conftest import np_rankme, ref_sv, rel_err, sv_err
+from tests.conftest import launch_ranks, np_rankme, ref_sv, rel_err, sv_err
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
-_ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TIMEOUT = 120  # seconds for the whole group; a hang fails the test instead of blocking the suite
 TOL = 1e-9  # distributed vs single process, relative to σ_1 (σ) / relative (RankMe)
@@ -37,62 +32,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is not available")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(rank: int, port: int) -> dict:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-               WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
-    for k in ("RANKME_FAST_BACKEND", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
-        env.pop(k, None)
-    pkg_parent = Path(rankme_fast.__file__).resolve().parents[1]
-    if pkg_parent == _ROOT:  # no installed package: this process itself runs the source tree
-        env["PYTHONPATH"] = str(pkg_parent) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def _launch_once(cfg: dict, out: Path, worker: Path = WORKER, timeout: float = TIMEOUT):
-    port = _free_port()
-    logs, procs = [], []
-    try:
-        for r in range(WORLD):
-            log = open(out / f"rank{r}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, str(worker), json.dumps(cfg), str(out)],
-                                          cwd=str(out), env=_env(r, port), stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                for q in procs:
-                    q.wait()
-                text = "\n".join(f"--- rank {r}:\n{(out / f'rank{r}.log').read_text()}" for r in range(WORLD))
-                pytest.fail(f"distributed workers hung (no exit within {timeout} s):\n{text}")
-    finally:
-        for q in procs:
-            if q.poll() is None:
-                q.kill()
-                q.wait()
-        for log in logs:
-            log.close()
-    return [p.returncode for p in procs], [(out / f"rank{r}.log").read_text() for r in range(WORLD)]
-
-
 def launch(cfg: dict, tmp_path: Path, worker: Path = WORKER, timeout: float = TIMEOUT):
-    """Run WORLD ``worker`` processes on ``cfg``; return (return codes, logs, out dir). Retries on a port clash."""
-    for attempt in range(3):
-        out = tmp_path / f"run{attempt}"
-        out.mkdir()
-        codes, logs = _launch_once(cfg, out, worker, timeout)
-        if not any("address already in use" in log.lower() for log in logs):
-            return codes, logs, out
-    return codes, logs, out
+    """Run WORLD ``worker`` processes on ``cfg``; return (return codes, logs, out dir)."""
+    return launch_ranks(cfg, tmp_path, worker, WORLD, timeout)
 
 
 def full_matrix(cfg: dict) -> torch.Tensor:
