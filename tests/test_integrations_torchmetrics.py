@@ -355,9 +355,9 @@ def test_import_is_lazy_and_missing_extra_is_named():
 
 
 def _child_env() -> dict:
-    from tests.test_distributed import _env
+    from tests.conftest import rank_env
 
-    env = _env(0, 0)
+    env = rank_env(0, 2, 0)
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         env.pop(k, None)
     return env
