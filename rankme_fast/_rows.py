@@ -45,22 +45,28 @@ def _check_row_index(row_index, total: int) -> np.ndarray:
     return idx
 
 
+def select_rows(t: torch.Tensor, g0: int, row_index=None):
+    """The rows of chunk ``t`` (source rows g0..) whose global indices are in the sorted ``row_index``, and
+    those indices (None without a ``row_index``: every row)."""
+    if row_index is None:
+        return t, None
+    lo, hi = np.searchsorted(row_index, [g0, g0 + t.shape[0]])
+    gi = row_index[lo:hi]
+    return t.index_select(0, torch.from_numpy(gi - g0).to(t.device)), gi
+
+
 def feed_chunk(accs: Sequence[GramAccumulator], path: str, r0: int, g0: int, t: torch.Tensor, row_index=None,
                split_seed: Optional[int] = None) -> int:
     """Add chunk ``t`` (rows r0.. of the file ``path``, rows g0.. of the source) to ``accs[0]`` — or, with
     ``split_seed``, each row to the accumulator of its level — keeping only the rows in ``row_index`` when
     given; returns the number of rows added. A non-finite value raises a ValueError naming the file and row."""
     n = t.shape[0]
-    gi = None
-    if row_index is not None:
-        lo, hi = np.searchsorted(row_index, [g0, g0 + n])
-        if lo == hi:
-            return 0
-        gi = row_index[lo:hi]
-        t = t.index_select(0, torch.from_numpy(gi - g0))
+    t, gi = select_rows(t, g0, row_index)
+    if t.shape[0] == 0:
+        return 0
     parts = [(accs[0], t)]
     if split_seed is not None:
-        lv = torch.from_numpy(_unit_levels(g0, n, gi, split_seed))
+        lv = torch.from_numpy(_unit_levels(g0, n, gi, split_seed)).to(t.device)
         parts = [(accs[k], t[lv == k]) for k in range(len(accs))]
     for a, part in parts:
         if part.shape[0] == 0:

@@ -268,26 +268,19 @@ def _as_source(s, i: int):
 
 
 def _score_array(t: torch.Tensor, names, center, eps, row_index, convergence, seed, src: str) -> ScoreResult:
+    """:func:`score` of an in-memory (N, d) array: the array is one chunk, rows 0.. of the source (the
+    same subset and convergence levels as a file with those rows)."""
     import time  # noqa: PLC0415
 
+    from ._rows import LEVEL_FRACTIONS, feed_chunk  # noqa: PLC0415
     from .gram import GramAccumulator  # noqa: PLC0415
-    from ._rows import LEVEL_FRACTIONS, _unit_levels  # noqa: PLC0415
     from .scoring import finish  # noqa: PLC0415
 
     t0 = time.perf_counter()
     n, d = t.shape
-    if row_index is not None:
-        t = t.index_select(0, torch.from_numpy(row_index).to(t.device))
-    if not convergence:
-        acc, levels = GramAccumulator(d).update(t), None
-    else:  # the levels of score(convergence=True): from each row's index in the array
-        gi = row_index if row_index is not None else np.arange(t.shape[0], dtype=np.int64)
-        lv = torch.from_numpy(_unit_levels(0, 0, gi, seed)).to(t.device)
-        acc, levels = None, [GramAccumulator(d) for _ in LEVEL_FRACTIONS]
-        for k, a in enumerate(levels):
-            part = t[lv == k]
-            if part.shape[0]:
-                a.update(part)
+    accs = [GramAccumulator(d) for _ in (LEVEL_FRACTIONS if convergence else (1,))]
+    feed_chunk(accs, src, 0, 0, t, row_index, seed if convergence else None)
+    acc, levels = (None, accs) if convergence else (accs[0], None)
     return finish(acc, levels, names, center, eps, src, (), n, d, str(t.dtype).replace("torch.", ""), t0)
 
 
@@ -297,6 +290,7 @@ def _bootstrap(source, is_array: bool, names, want, eps, row_index, reps: int, s
     form of resampling N rows with replacement); ``reps`` replicates in groups whose Gram states fit in
     256 MiB, one read of the source per group. The interval is the replicates' central CI_LEVEL range
     shifted so that their median is the estimate (duplicated rows bias spectral metrics low)."""
+    from ._rows import select_rows  # noqa: PLC0415
     from .gram import GramAccumulator  # noqa: PLC0415
     from .io import default_chunk_rows, iter_chunks, open_source  # noqa: PLC0415
     from .scoring import _metric  # noqa: PLC0415
@@ -315,7 +309,7 @@ def _bootstrap(source, is_array: bool, names, want, eps, row_index, reps: int, s
                     a.update(t.repeat_interleave(w.to(t.device), dim=0))
 
         if is_array:
-            t = source if row_index is None else source.index_select(0, torch.from_numpy(row_index))
+            t, _ = select_rows(source, 0, row_index)
             feed(t)
         else:
             readers = open_source(source, key)
@@ -326,13 +320,9 @@ def _bootstrap(source, is_array: bool, names, want, eps, row_index, reps: int, s
                     starts[id(r)] = gpos
                     gpos += r.n_rows
                 for r, r0, t in iter_chunks(readers, rows):
-                    if row_index is not None:
-                        a0 = starts[id(r)] + r0
-                        lo, hi = np.searchsorted(row_index, [a0, a0 + t.shape[0]])
-                        if lo == hi:
-                            continue
-                        t = t.index_select(0, torch.from_numpy(row_index[lo:hi] - a0))
-                    feed(t)
+                    t, _ = select_rows(t, starts[id(r)] + r0, row_index)
+                    if t.shape[0]:
+                        feed(t)
                     del t
             finally:
                 for r in readers:
