@@ -233,7 +233,8 @@ def test_strided_views_give_the_same_bits():
 
 @needs_native
 def test_avx2_variant(tmp_path):
-    """The AVX2 kernels (3x3 tiles), selected with RANKME_FAST_DISABLE_AVX512=1 in a fresh process."""
+    """The AVX2 kernels (the buffered dot kernel, the 4 x 3-vector panel tiles), selected with
+    RANKME_FAST_DISABLE_AVX512=1 in a fresh process; both narrow dot paths give the same bits."""
     code = """
 import torch
 from rankme_fast.backends import cpu
@@ -242,6 +243,25 @@ assert cpu.load().gram_isa() in ("avx2", "generic"), cpu.load().gram_isa()
 x, lengths, rs, cs = _ragged_case(dtype=torch.bfloat16, B=6, n=40, d=77)
 for k in (1, 2):
     _check(x, lengths, rs, cs, what=f"avx2 k{k}", num_threads=2, _kernel=k)
+# The narrow dot kernel buffers a sub-slice of the rows (L * 64 bytes <= 20 KiB); longer items forced onto
+# the dot kernel take the register tiles. A pair's sum depends only on its two rows, so the first rows of
+# a long item must give the same bits through either path.
+for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    for strided, mode in ((False, None), (False, "row"), (False, "col"), (True, "both")):
+        x, lengths, rs, cs = _ragged_case(dtype=dt, B=3, n=330, d=45)
+        x, lengths = x[:1], lengths[:1]
+        rs = rs[:1] if mode in ("row", "both") else None
+        cs = cs[:1] if mode in ("col", "both") else None
+        if strided:
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        _check(x, lengths, rs, cs, what=f"avx2 long dot {dt}", num_threads=1, _kernel=1)
+        big_g = torch.zeros(1, 330, 330, dtype=torch.float64); big_r = torch.zeros(1, 330, dtype=torch.float64)
+        cpu.row_gram_batch(x, big_g, row_sum=big_r, row_shift=rs, col_shift=cs, _kernel=1)
+        for L in (1, 4, 10, 13):
+            g = torch.zeros(1, L, L, dtype=torch.float64); r = torch.zeros(1, L, dtype=torch.float64)
+            cpu.row_gram_batch(x[:, :L], g, row_sum=r, row_shift=None if rs is None else rs[:, :L].contiguous(),
+                               col_shift=cs, _kernel=1)
+            assert torch.equal(g, big_g[:, :L, :L]) and torch.equal(r, big_r[:, :L]), (dt, strided, L)
 print("ok")
 """
     import rankme_fast

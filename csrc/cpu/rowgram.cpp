@@ -11,7 +11,9 @@
 //  * dot (L <= kDotMaxRows): in slices of W features (the item's L x W stored values in L1), register tiles
 //    of rows (5 x 5 on AVX-512) upcast their rows' groups of 8 features straight into registers and
 //    accumulate every row pair i <= j into per-pair 8-lane vectors (and the row sums in the diagonal
-//    tiles); the lanes are summed once per item. Only the L(L+1)/2 useful pairs are computed.
+//    tiles); the lanes are summed once per item. Only the L(L+1)/2 useful pairs are computed. With
+//    narrower vectors (AVX2, generic) the rows of a sub-slice are first upcast once into an L1 buffer of
+//    doubles and the tiles read that (same lanes, same order, same bits).
 //  * panel (larger L): blocks of features are packed (upcast, shifted, transposed) into the streaming
 //    Gram's 8-row panels and multiplied by its micro-kernel into a per-thread Lp x Lp scratch, which is
 //    added into the item's gram block at the end.
@@ -51,10 +53,11 @@ const RowGramTable& rowgram_kernels() {
 
 // Items up to this many rows use the dot kernel, longer ones the panel kernel (measured at d=4096 bf16,
 // one thread, fused dot kernel. AVX-512: L=24 dot 56 / panel 47 GFLOP/s, L=32 55 / 54, L=40 56 / 50,
-// L=48 51 / 58, L=64 53 / 71. AVX2, whose 2 x 2 dot tiles upcast each row group many times: L=10 dot 17 /
-// panel 5 (with a half-empty second panel), L=16 18 / 27, L=24 18 / 33).
+// L=48 51 / 58, L=64 53 / 71. AVX2, with the buffered dot kernel (each row upcast once into L1, 3 x 4
+// tiles; the register-tile version upcast each row group about L / 2 times), AMD EPYC Zen 3: L=12 dot
+// 14 / panel 9, L=16 20 / 16, L=20 18 / 15, L=24 17 / 17, L=32 15 / 22).
 constexpr int64_t kDotMaxRows = 40;
-constexpr int64_t kDotMaxRowsNarrow = 12;  // 4-wide vectors (AVX2) and the generic build
+constexpr int64_t kDotMaxRowsNarrow = 20;  // 4-wide vectors (AVX2) and the generic build
 // Panel kernel: features per packed block (a 512 x 8 panel is 32 KiB, L1-resident while it sweeps).
 constexpr int64_t kPanelBlock = 512;
 

@@ -286,8 +286,141 @@ static void fused_t(const RowItem& it, int64_t f0, int64_t w, double* vacc, doub
   }
 }
 
+// ---- the buffered dot kernel (vectors narrower than 8 lanes: AVX2, generic) ---------------------------
+//
+// With 16 registers the register tiles above are 2 x 2 rows, so every row group is upcast about L / 2
+// times (L = 10: 50 upcasts per 55 pair products, each upcast several shuffles and conversions on the
+// FP pipes). Here each sub-slice of the item's rows is upcast and shifted once into an L1 buffer of
+// doubles (row sums taken on the way), then the pairs are tiles of 3 x 4 rows over the buffer: per
+// vector of lanes 3 + 4 loads and 12 FMAs, the same ratio as the panel micro-kernel. The lanes, the
+// order of the sums in each lane and so the bits are exactly those of the register-tile kernel.
+constexpr int64_t kDotBufBytes = 20480;  // the sub-slice of L rows of doubles, in L1 beside the tiles' data
+constexpr int NV = 8 / VL;               // native vectors per 8-lane pair accumulator
+
+// Eight contiguous bfloat16 -> two 4-wide vectors of doubles: the 16-bit values interleaved with zeros
+// are the floats (one unpack per 4 values instead of a widening move and a shift), exact.
+template <typename T>
+RANKME_RG_INLINE void cvt_fill(const T* s, vd out[NV]) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (std::is_same<T, BFloat16>::value && VL == 4) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+    const __m128i z = _mm_setzero_si128();
+    const __m256d lo = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpacklo_epi16(z, h)));
+    const __m256d hi = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpackhi_epi16(z, h)));
+    std::memcpy(&out[0], &lo, sizeof lo);
+    std::memcpy(&out[1], &hi, sizeof hi);
+    return;
+  }
+#endif
+  cvtg(s, out);
+}
+
+// The item's rows over features [f, f + sw) of the slice, upcast and shifted into buf (row i at
+// buf + i * ldb; lanes past sw of the last group are zero). The row sums are taken later, in the
+// diagonal tiles, which read every row once.
+template <typename T, bool CS>
+static void fill_rows(const RowItem& it, int64_t f, int64_t sw, double* __restrict buf, int64_t ldb) {
+  const T* base = static_cast<const T*>(it.x) + f * it.stride_c;
+  const double* csh = CS ? it.col_shift + f : nullptr;
+  const bool fast = it.stride_c == 1 && !it.row_shift;
+  // this row's next sub-slice, one line per 64 bytes read: the rows' short runs (a few lines each, then
+  // a jump to the next row) are too short for the hardware prefetchers
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T)) >= 8 ? 64 / int64_t(sizeof(T)) : 8;
+  for (int64_t i = 0; i < it.rows; ++i) {
+    const T* src = base + i * it.stride_r;
+    double* dst = buf + i * ldb;
+    int64_t c = 0;
+    if (fast) {
+      for (; c + 8 <= sw; c += 8) {
+        if (c % kLine == 0) __builtin_prefetch(src + c + sw);
+        vd a[NV];
+        cvt_fill(src + c, a);
+        for (int g = 0; g < NV; ++g) {
+          if (CS) a[g] -= load(csh + c + g * VL);
+          store(dst + c + g * VL, a[g]);
+        }
+      }
+    }
+    for (; c < sw; c += 8) {
+      const int n = static_cast<int>(std::min<int64_t>(8, sw - c));
+      vd a[NV];
+      split8(group8<T, CS>(src, c, it.stride_c, it.row_shift ? it.row_shift[i] : 0.0, csh, n), a);
+      for (int g = 0; g < NV; ++g) store(dst + c + g * VL, a[g]);
+    }
+  }
+}
+
+// Pairs of rows [i0, i0 + A) x [j0, j0 + B) (D: the diagonal block, i0 == j0, pairs q >= p, and the rows'
+// sums) over the buffer's nw (a multiple of 8) features, one native vector of lanes at a time.
+template <int A, int B, bool D>
+static void btile(const double* __restrict buf, int64_t ldb, int64_t nw, int64_t i0, int64_t j0,
+                  double* __restrict vacc, double* __restrict rsum, int64_t rows) {
+  for (int g = 0; g < NV; ++g) {
+    vd acc[A][B];
+    for (int p = 0; p < A; ++p)
+      for (int q = 0; q < B; ++q)
+        acc[p][q] = (!D || q >= p) ? load(vacc + ((i0 + p) * rows + j0 + q) * 8 + g * VL) : vd{};
+    vd rs[A];
+    for (int p = 0; p < A; ++p) rs[p] = D ? load(rsum + (i0 + p) * 8 + g * VL) : vd{};
+    const double* pa = buf + i0 * ldb + g * VL;
+    const double* pb = buf + j0 * ldb + g * VL;
+    for (int64_t c = 0; c < nw; c += 8) {
+      vd a[A];
+      for (int p = 0; p < A; ++p) a[p] = load(pa + p * ldb + c);
+      if (D) {
+        for (int p = 0; p < A; ++p) {
+          rs[p] += a[p];
+          for (int q = p; q < B; ++q) acc[p][q] += a[p] * a[q];
+        }
+      } else {
+        for (int q = 0; q < B; ++q) {
+          const vd b = load(pb + q * ldb + c);
+          for (int p = 0; p < A; ++p) acc[p][q] += a[p] * b;
+        }
+      }
+    }
+    for (int p = 0; p < A; ++p)
+      for (int q = (D ? p : 0); q < B; ++q) store(vacc + ((i0 + p) * rows + j0 + q) * 8 + g * VL, acc[p][q]);
+    if (D)
+      for (int p = 0; p < A; ++p) store(rsum + (i0 + p) * 8 + g * VL, rs[p]);
+  }
+}
+
+template <typename T, bool CS>
+static void fused_buffered(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum) {
+  constexpr int BA = 3, BB = 4;
+  alignas(64) double buf[kDotBufBytes / sizeof(double)];
+  const int64_t rows = it.rows;
+  const int64_t sw_max = std::max<int64_t>(8, int64_t(kDotBufBytes / sizeof(double)) / rows / 8 * 8);
+  for (int64_t s0 = 0; s0 < w; s0 += sw_max) {
+    const int64_t sw = std::min(sw_max, w - s0);
+    const int64_t ldb = (sw + 7) / 8 * 8;
+    fill_rows<T, CS>(it, f0 + s0, sw, buf, ldb);
+    for (int64_t i0 = 0; i0 < rows; i0 += BA) {
+      switch (std::min<int64_t>(BA, rows - i0)) {
+        case 1: btile<1, 1, true>(buf, ldb, ldb, i0, i0, vacc, rsum, rows); break;
+        case 2: btile<2, 2, true>(buf, ldb, ldb, i0, i0, vacc, rsum, rows); break;
+        default: btile<BA, BA, true>(buf, ldb, ldb, i0, i0, vacc, rsum, rows); break;
+      }
+      for (int64_t j0 = i0 + BA; j0 < rows; j0 += BB) {  // the i-block is full: only the last can be short
+        switch (std::min<int64_t>(BB, rows - j0)) {
+          case 1: btile<BA, 1, false>(buf, ldb, ldb, i0, j0, vacc, rsum, rows); break;
+          case 2: btile<BA, 2, false>(buf, ldb, ldb, i0, j0, vacc, rsum, rows); break;
+          case 3: btile<BA, 3, false>(buf, ldb, ldb, i0, j0, vacc, rsum, rows); break;
+          default: btile<BA, BB, false>(buf, ldb, ldb, i0, j0, vacc, rsum, rows); break;
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 static void fused_dt(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum) {
+  if (VL < 8 && it.rows * 8 * int64_t(sizeof(double)) <= kDotBufBytes) {  // a sub-slice of >= 8 features fits
+    if (it.col_shift) fused_buffered<T, true>(it, f0, w, vacc, rsum);
+    else fused_buffered<T, false>(it, f0, w, vacc, rsum);
+    return;
+  }
   if (it.col_shift) fused_t<T, true>(it, f0, w, vacc, rsum);
   else fused_t<T, false>(it, f0, w, vacc, rsum);
 }
