@@ -6,7 +6,12 @@
 `torch.linalg.svdvals(x)` alternate, 3 rounds; the ratio is svdvals / rankme of the same round.
 Needs ~2.5 GB of memory and ~3 minutes on 2 cores.
 """
-import time, torch, json, sys, platform
+import json
+import sys
+import time
+
+import torch
+
 import rankme_fast as rf
 torch.manual_seed(0)
 out = {}
