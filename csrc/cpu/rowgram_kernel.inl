@@ -167,11 +167,13 @@ RANKME_RG_INLINE void cvtg(const T* s, vd out[G]) {
   } else {
 #if defined(__AVX2__) && !defined(__AVX512F__)
     if constexpr (std::is_same<T, BFloat16>::value) {
-      for (int h = 0; h < 2; ++h) {
-        const __m128i u = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 4 * h)));
-        const __m256d d = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(u, 16)));
-        std::memcpy(&out[h], &d, sizeof d);
-      }
+      // the 16-bit values interleaved with zeros are the floats: one unpack per 4 values, exact
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+      const __m128i z = _mm_setzero_si128();
+      const __m256d lo = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpacklo_epi16(z, h)));
+      const __m256d hi = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpackhi_epi16(z, h)));
+      std::memcpy(&out[0], &lo, sizeof lo);
+      std::memcpy(&out[1], &hi, sizeof hi);
       return;
     } else if constexpr (std::is_same<T, float>::value) {
       for (int h = 0; h < 2; ++h) {
@@ -291,29 +293,11 @@ static void fused_t(const RowItem& it, int64_t f0, int64_t w, double* vacc, doub
 // With 16 registers the register tiles above are 2 x 2 rows, so every row group is upcast about L / 2
 // times (L = 10: 50 upcasts per 55 pair products, each upcast several shuffles and conversions on the
 // FP pipes). Here each sub-slice of the item's rows is upcast and shifted once into an L1 buffer of
-// doubles (row sums taken on the way), then the pairs are tiles of 3 x 4 rows over the buffer: per
-// vector of lanes 3 + 4 loads and 12 FMAs, the same ratio as the panel micro-kernel. The lanes, the
+// doubles, then the pairs are tiles of 3 x 4 rows over the buffer (per vector of lanes 3 + 4 loads and
+// 12 FMAs, the same ratio as the panel micro-kernel), the row sums in the diagonal tiles. The lanes, the
 // order of the sums in each lane and so the bits are exactly those of the register-tile kernel.
 constexpr int64_t kDotBufBytes = 20480;  // the sub-slice of L rows of doubles, in L1 beside the tiles' data
 constexpr int NV = 8 / VL;               // native vectors per 8-lane pair accumulator
-
-// Eight contiguous bfloat16 -> two 4-wide vectors of doubles: the 16-bit values interleaved with zeros
-// are the floats (one unpack per 4 values instead of a widening move and a shift), exact.
-template <typename T>
-RANKME_RG_INLINE void cvt_fill(const T* s, vd out[NV]) {
-#if defined(__AVX2__) && !defined(__AVX512F__)
-  if constexpr (std::is_same<T, BFloat16>::value && VL == 4) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
-    const __m128i z = _mm_setzero_si128();
-    const __m256d lo = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpacklo_epi16(z, h)));
-    const __m256d hi = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpackhi_epi16(z, h)));
-    std::memcpy(&out[0], &lo, sizeof lo);
-    std::memcpy(&out[1], &hi, sizeof hi);
-    return;
-  }
-#endif
-  cvtg(s, out);
-}
 
 // The item's rows over features [f, f + sw) of the slice, upcast and shifted into buf (row i at
 // buf + i * ldb; lanes past sw of the last group are zero). The row sums are taken later, in the
@@ -334,7 +318,7 @@ static void fill_rows(const RowItem& it, int64_t f, int64_t sw, double* __restri
       for (; c + 8 <= sw; c += 8) {
         if (c % kLine == 0) __builtin_prefetch(src + c + sw);
         vd a[NV];
-        cvt_fill(src + c, a);
+        cvtg(src + c, a);
         for (int g = 0; g < NV; ++g) {
           if (CS) a[g] -= load(csh + c + g * VL);
           store(dst + c + g * VL, a[g]);
@@ -351,9 +335,9 @@ static void fill_rows(const RowItem& it, int64_t f, int64_t sw, double* __restri
 }
 
 // Pairs of rows [i0, i0 + A) x [j0, j0 + B) (D: the diagonal block, i0 == j0, pairs q >= p, and the rows'
-// sums) over the buffer's nw (a multiple of 8) features, one native vector of lanes at a time.
+// sums) over the buffer's ldb (a multiple of 8) features, one native vector of lanes at a time.
 template <int A, int B, bool D>
-static void btile(const double* __restrict buf, int64_t ldb, int64_t nw, int64_t i0, int64_t j0,
+static void btile(const double* __restrict buf, int64_t ldb, int64_t i0, int64_t j0,
                   double* __restrict vacc, double* __restrict rsum, int64_t rows) {
   for (int g = 0; g < NV; ++g) {
     vd acc[A][B];
@@ -364,7 +348,7 @@ static void btile(const double* __restrict buf, int64_t ldb, int64_t nw, int64_t
     for (int p = 0; p < A; ++p) rs[p] = D ? load(rsum + (i0 + p) * 8 + g * VL) : vd{};
     const double* pa = buf + i0 * ldb + g * VL;
     const double* pb = buf + j0 * ldb + g * VL;
-    for (int64_t c = 0; c < nw; c += 8) {
+    for (int64_t c = 0; c < ldb; c += 8) {
       vd a[A];
       for (int p = 0; p < A; ++p) a[p] = load(pa + p * ldb + c);
       if (D) {
@@ -398,16 +382,16 @@ static void fused_buffered(const RowItem& it, int64_t f0, int64_t w, double* vac
     fill_rows<T, CS>(it, f0 + s0, sw, buf, ldb);
     for (int64_t i0 = 0; i0 < rows; i0 += BA) {
       switch (std::min<int64_t>(BA, rows - i0)) {
-        case 1: btile<1, 1, true>(buf, ldb, ldb, i0, i0, vacc, rsum, rows); break;
-        case 2: btile<2, 2, true>(buf, ldb, ldb, i0, i0, vacc, rsum, rows); break;
-        default: btile<BA, BA, true>(buf, ldb, ldb, i0, i0, vacc, rsum, rows); break;
+        case 1: btile<1, 1, true>(buf, ldb, i0, i0, vacc, rsum, rows); break;
+        case 2: btile<2, 2, true>(buf, ldb, i0, i0, vacc, rsum, rows); break;
+        default: btile<BA, BA, true>(buf, ldb, i0, i0, vacc, rsum, rows); break;
       }
       for (int64_t j0 = i0 + BA; j0 < rows; j0 += BB) {  // the i-block is full: only the last can be short
         switch (std::min<int64_t>(BB, rows - j0)) {
-          case 1: btile<BA, 1, false>(buf, ldb, ldb, i0, j0, vacc, rsum, rows); break;
-          case 2: btile<BA, 2, false>(buf, ldb, ldb, i0, j0, vacc, rsum, rows); break;
-          case 3: btile<BA, 3, false>(buf, ldb, ldb, i0, j0, vacc, rsum, rows); break;
-          default: btile<BA, BB, false>(buf, ldb, ldb, i0, j0, vacc, rsum, rows); break;
+          case 1: btile<BA, 1, false>(buf, ldb, i0, j0, vacc, rsum, rows); break;
+          case 2: btile<BA, 2, false>(buf, ldb, i0, j0, vacc, rsum, rows); break;
+          case 3: btile<BA, 3, false>(buf, ldb, i0, j0, vacc, rsum, rows); break;
+          default: btile<BA, BB, false>(buf, ldb, i0, j0, vacc, rsum, rows); break;
         }
       }
     }
