@@ -125,7 +125,7 @@ def config() -> dict:
         info["cuda_extension"] = "not built"
     info["backends"] = _backend_lines()
     info["file_formats"] = {
-        ".npy": "built in (memory-mapped)",
+        ".npy": f"built in (read with preadv; O_DIRECT for chunks not in the page cache: RANKME_FAST_DIRECT_IO={os.environ.get('RANKME_FAST_DIRECT_IO', 'auto')})",
         ".safetensors": "built in (header parsed by rankme_fast; bfloat16 supported)",
         ".pt/.pth": "built in (torch.load weights_only=True)",
         ".h5/.hdf5": optional_package("h5py", "pip install 'rankme_fast[hdf5]'"),

@@ -426,11 +426,15 @@ print(json.dumps(out))
 """
 
 
-def test_file_shrinking_while_read_is_a_clean_error(tmp_path):
+@pytest.mark.parametrize("direct", ("off", "on"))
+def test_file_shrinking_while_read_is_a_clean_error(tmp_path, direct):
     """Each of .npy / .safetensors / .pt, truncated or rewritten shorter while ``score`` reads it: a
-    ValueError naming the file (all in one child: a SIGBUS would kill it with rc -7)."""
+    ValueError naming the file (all in one child: a SIGBUS would kill it with rc -7); through the page
+    cache and with O_DIRECT (every chunk, however small, where the file system takes it)."""
     pytest.importorskip("safetensors")
-    res = run_python(TRUNCATE_CHILD, tmp_path, check=False, timeout=120)
+    code = TRUNCATE_CHILD.replace("from rankme_fast.gram import GramAccumulator",
+                                  "from rankme_fast.gram import GramAccumulator\nrio.DIRECT_MIN_BYTES = 1")
+    res = run_python(code, tmp_path, env_extra={"RANKME_FAST_DIRECT_IO": direct}, check=False, timeout=120)
     assert res.returncode == 0, f"rc={res.returncode} (-7 = SIGBUS)\n{res.stdout}\n{res.stderr[-2000:]}"
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(out) == 12
@@ -525,3 +529,158 @@ def test_scattered_pt_view_beyond_the_span_bound_is_refused(tmp_path, monkeypatc
             r.read(0, 10)  # 10 rows (1.3 KB) would read ~256 KB of storage
     finally:
         r.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# item 1, the cost of reading: chunks not in the page cache are read with O_DIRECT (no page-cache CPU)
+
+
+def _direct_chunks(path, chunk_rows, **kw):
+    readers = rio.open_source(str(path), **kw)
+    got = torch.cat([t.clone() for _, _, t in rio.iter_chunks(readers, chunk_rows)])
+    return got, sum(r.bytes_direct for r in readers), sum(r.bytes_cached for r in readers)
+
+
+def _write_fmt(tmp_path, fmt, x):
+    if fmt == "npy":
+        p = tmp_path / "d.npy"
+        np.save(p, x)
+    elif fmt == "safetensors":  # a header length that is not a multiple of the 4096-byte alignment
+        p = tmp_path / "d.safetensors"
+        st_write(p, json.dumps({"__metadata__": {"pad": "y" * 37}, "emb": st_entry(x)}), x.tobytes())
+    else:
+        p = tmp_path / "d.pt"
+        torch.save({"ids": torch.arange(7), "emb": torch.from_numpy(x)}, p)
+    return p
+
+
+@pytest.mark.parametrize("fmt", ("npy", "safetensors", "pt"))
+def test_direct_io_reads_the_exact_rows(tmp_path, monkeypatch, fmt):
+    """RANKME_FAST_DIRECT_IO=on: the rows come through O_DIRECT reads of aligned spans (data offsets that are
+    not aligned, a last chunk that ends mid-block) and equal the array; RankMe equals the float64 SVD's."""
+    x = xmat(3001, 37, seed=5)
+    p = _write_fmt(tmp_path, fmt, x)
+    monkeypatch.setenv("RANKME_FAST_DIRECT_IO", "on")
+    monkeypatch.setattr(rio, "DIRECT_MIN_BYTES", 1)
+    if not _o_direct_ok(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT (the fallback is tested separately)")
+    kw = {"key": "emb"} if fmt != "npy" else {}
+    got, direct, cached = _direct_chunks(p, 700, **kw)
+    assert torch.equal(got, torch.from_numpy(x))
+    assert direct == x.nbytes and cached == 0
+    res = score(str(p), metrics="rankme", chunk_rows=700, progress=False, **kw)
+    assert rel_err(res.metrics["rankme"], rankme_ref(x)) < 1e-9
+
+
+def _o_direct_ok(d) -> bool:
+    probe = os.path.join(str(d), "probe_direct")
+    with open(probe, "wb") as fh:
+        fh.write(b"\0" * 8192)
+    try:
+        fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return False
+    os.close(fd)
+    return True
+
+
+def test_direct_io_auto_follows_the_page_cache(tmp_path, monkeypatch):
+    """auto (the default): a chunk whose pages are (mostly) in the page cache is copied from it, one that
+    is not is read with O_DIRECT; off: always through the cache. The residency probe is stubbed so the
+    choice is tested whatever the file system does with eviction requests."""
+    x = xmat(4000, 64, seed=6)
+    p = tmp_path / "a.npy"
+    np.save(p, x)
+    monkeypatch.setattr(rio, "DIRECT_MIN_BYTES", 1)
+    if not _o_direct_ok(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT (the fallback is tested separately)")
+    seen = []
+    for env, frac, want_direct in (("auto", 1.0, False), ("auto", 0.95, False), ("auto", 0.2, True),
+                                   ("auto", None, False), ("off", 0.0, False), ("on", 1.0, True)):
+        monkeypatch.setenv("RANKME_FAST_DIRECT_IO", env)
+        monkeypatch.setattr(rio._Mincore, "fraction", classmethod(lambda cls, fd, off, n, f=frac: f))
+        got, direct, cached = _direct_chunks(p, 1000)
+        assert torch.equal(got, torch.from_numpy(x))
+        seen.append((env, frac, direct, cached))
+        assert (direct, cached) == ((x.nbytes, 0) if want_direct else (0, x.nbytes)), seen
+
+
+def test_direct_io_auto_after_real_eviction(tmp_path, monkeypatch):
+    """The real residency probe (mincore): the file just written is cached and copied; once evicted with
+    POSIX_FADV_DONTNEED it is read with O_DIRECT, and the result is the same."""
+    x = xmat(6000, 64, seed=7)
+    p = tmp_path / "e.npy"
+    np.save(p, x)
+    monkeypatch.setenv("RANKME_FAST_DIRECT_IO", "auto")
+    monkeypatch.setattr(rio, "DIRECT_MIN_BYTES", 1)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        n = os.fstat(fd).st_size
+        warm = rio._Mincore.fraction(fd, 0, n)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        cold = rio._Mincore.fraction(fd, 0, n)
+    finally:
+        os.close(fd)
+    if warm is None or warm < 0.99 or cold is None or cold > 0.1 or not _o_direct_ok(tmp_path):
+        pytest.skip(f"{tmp_path}: page-cache residency cannot be controlled here (cached {warm} after write, "
+                    f"{cold} after POSIX_FADV_DONTNEED) or no O_DIRECT")
+    got, direct, cached = _direct_chunks(p, 1500)
+    assert torch.equal(got, torch.from_numpy(x))
+    assert direct == x.nbytes and cached == 0
+    got, direct, cached = _direct_chunks(p, 1500)  # O_DIRECT left the pages uncached: direct again
+    assert direct == x.nbytes
+
+
+def test_direct_io_refused_by_the_file_system_falls_back(tmp_path, monkeypatch):
+    """A file system without O_DIRECT (tmpfs, some FUSE: EINVAL at open) or one that refuses the alignment
+    (EINVAL at the first read): the chunks are read through the page cache, the rows are exact."""
+    import errno
+
+    x = xmat(3000, 40, seed=8)
+    p = tmp_path / "f.npy"
+    np.save(p, x)
+    monkeypatch.setenv("RANKME_FAST_DIRECT_IO", "on")
+    monkeypatch.setattr(rio, "DIRECT_MIN_BYTES", 1)
+    real_open, real_preadv = os.open, os.preadv
+
+    def open_no_direct(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(rio.os, "open", open_no_direct)
+    got, direct, cached = _direct_chunks(p, 700)
+    assert torch.equal(got, torch.from_numpy(x)) and (direct, cached) == (0, x.nbytes)
+    monkeypatch.setattr(rio.os, "open", real_open)
+    if not _o_direct_ok(tmp_path):
+        return
+    direct_fds = set()
+
+    def open_track(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def preadv_einval(fd, bufs, off, *a):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, bufs, off, *a)
+
+    monkeypatch.setattr(rio.os, "open", open_track)
+    monkeypatch.setattr(rio.os, "preadv", preadv_einval)
+    got, direct, cached = _direct_chunks(p, 700)
+    assert direct_fds and torch.equal(got, torch.from_numpy(x)) and (direct, cached) == (0, x.nbytes)
+
+
+def test_direct_io_mode_is_validated(tmp_path, monkeypatch):
+    x = xmat(100, 4)
+    p = tmp_path / "v.npy"
+    np.save(p, x)
+    monkeypatch.setenv("RANKME_FAST_DIRECT_IO", "sometimes")
+    with pytest.raises(ValueError, match=r"RANKME_FAST_DIRECT_IO='sometimes': expected auto, on or off"):
+        score(str(p), metrics="rankme", progress=False)
+    for ok in ("AUTO", "0", "true", " on "):
+        monkeypatch.setenv("RANKME_FAST_DIRECT_IO", ok)
+        assert rel_err(score(str(p), metrics="rankme", progress=False).metrics["rankme"], rankme_ref(x)) < 1e-9
