@@ -223,6 +223,28 @@ def test_gram_update_dynamic_schedule_is_deterministic(rows, cols, chunk_rows, t
     assert bool(((outs[0][1] - cs_exact).abs() <= cs_bound).all())
 
 
+@needs_native
+def test_gram_update_scratch_reuse_across_shapes():
+    """The private schedule's G copies and packing buffers are cached between calls (zeroed copies are
+    tagged with their layout): calls of other widths in between, whose copies and packing buffers reuse
+    the same blocks, change no bit of a later call, which stays within the float64 bound."""
+    shapes = [(6000, 64), (6000, 72), (4000, 300), (9000, 8), (6000, 64), (3000, 1024), (6000, 72), (6000, 64)]
+    first = {}
+    for rows, cols in shapes:
+        x = _data(rows, cols, torch.float32, seed=cols)
+        gram0, cs0 = _initial_state(cols)
+        g, cs = gram0.clone(), cs0.clone()
+        cpu.gram_update(x, g, col_sum=cs, num_threads=2, chunk_rows=64)
+        if cols in first:
+            assert torch.equal(torch.triu(g[:cols, :cols]), first[cols][0]) and torch.equal(cs, first[cols][1]), cols
+        else:
+            first[cols] = (torch.triu(g[:cols, :cols]), cs)
+        exact, bound, cs_exact, cs_bound = _oracle(x, gram0, cs0, None, None)
+        up = torch.triu(torch.ones(cols, cols, dtype=torch.bool))
+        assert bool(((g[:cols, :cols] - exact).abs() <= bound)[up].all()), cols
+        assert bool(((cs - cs_exact).abs() <= cs_bound).all()), cols
+
+
 def test_gram_update_accumulates_over_calls():
     """Streaming: two updates on halves equal one update on the whole (float64 bound)."""
     x = _data(1001, 37, torch.float32, seed=9)

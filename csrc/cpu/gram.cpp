@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 #include <new>
 #include <string>
 #include <thread>
@@ -138,16 +139,71 @@ class SpinBarrier {
   std::atomic<int> gen_;
 };
 
-struct AlignedBuf {
-  double* p = nullptr;
-  explicit AlignedBuf(size_t n) {
-    if (n) p = static_cast<double*>(::operator new[](n * sizeof(double), std::align_val_t(64), std::nothrow));
+// Process-wide cache of the private schedule's 64-byte aligned scratch (G copies, packing buffers): a
+// streaming caller (score, the accumulator) calls the kernel once per ~64 MiB chunk, and allocating
+// them afresh each call costs page faults on megabytes (at d = 1024, 2 threads, 16384-row calls: ~10 ms
+// of a ~180 ms call with the serial fold below). Copies come back zeroed where the tiles write, tagged
+// with that layout, so a call of the same shape skips zeroing them. At most kCacheBytes are kept.
+class ScratchCache {
+ public:
+  struct Block {
+    double* p = nullptr;
+    size_t elems = 0;
+    int64_t clean_cols = -1, clean_ld = -1;  // the layout whose tile region is all zero, or -1
+  };
+  Block get(size_t elems) {
+    {
+      std::lock_guard<std::mutex> l(m_);
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].elems >= elems && (best == free_.size() || free_[i].elems < free_[best].elems)) best = i;
+      if (best < free_.size()) {
+        Block b = free_[best];
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+        bytes_ -= b.elems * sizeof(double);
+        return b;
+      }
+    }
+    Block b;
+    b.p = static_cast<double*>(::operator new[](elems * sizeof(double), std::align_val_t(64), std::nothrow));
+    b.elems = b.p ? elems : 0;
+    return b;
   }
-  ~AlignedBuf() {
-    if (p) ::operator delete[](p, std::align_val_t(64));
+  void put(Block b) {
+    if (!b.p) return;
+    {
+      std::lock_guard<std::mutex> l(m_);
+      if (bytes_ + b.elems * sizeof(double) <= kCacheBytes) {
+        free_.push_back(b);
+        bytes_ += b.elems * sizeof(double);
+        return;
+      }
+    }
+    ::operator delete[](b.p, std::align_val_t(64));
   }
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
+
+ private:
+  static constexpr size_t kCacheBytes = size_t(40) << 20;
+  std::mutex m_;
+  std::vector<Block> free_;
+  size_t bytes_ = 0;
+};
+
+ScratchCache& scratch_cache() {
+  static ScratchCache* c = new ScratchCache();  // never destroyed: no teardown order with exiting threads
+  return *c;
+}
+
+// Returns a cache block on every path out of a worker.
+struct CachedBuf {
+  ScratchCache::Block b;
+  explicit CachedBuf(size_t n) : b(scratch_cache().get(n)) {}
+  ~CachedBuf() {
+    b.clean_cols = b.clean_ld = -1;  // written by its user: no longer known to be zero anywhere
+    scratch_cache().put(b);
+  }
+  CachedBuf(const CachedBuf&) = delete;
+  CachedBuf& operator=(const CachedBuf&) = delete;
 };
 
 // Rows per chunk. Every chunk streams the touched half of G through the cache hierarchy once, so
@@ -222,53 +278,98 @@ Status gram_update(const GramArgs& a) {
     const std::vector<int64_t> slot = nt == 1 ? std::vector<int64_t>{0, nchunks} : private_slots(nchunks, nt, g_bytes);
     const int64_t nslots = int64_t(slot.size()) - 1;
     std::vector<std::vector<double>> colsums(nslots);
-    std::vector<AlignedBuf*> gs(nslots, nullptr);
-    std::vector<int> failed(nslots, 0);
+    std::vector<ScratchCache::Block> gs(nslots);
+    std::vector<char> failed(nslots, 0), done(nslots, 0);
     std::atomic<int64_t> next{0};
+    // Slot 0 adds into G itself; every other slot into its own copy, added into G in slot order
+    // (G += copy_1, then copy_2, ...: the bits do not depend on who ran what). The adding is done by
+    // whichever thread finishes a slot while its predecessors are all in, as the slots complete, so it
+    // overlaps the other threads' work instead of trailing it; the copy is zeroed on the way and goes
+    // back to the cache clean. fold_next: the first slot not yet in G; one thread folds at a time.
+    std::mutex fold_m;
+    bool folding = false;
+    int64_t fold_next = 0;
+    auto fold = [&](int64_t s) {
+      if (s == 0 || failed[s]) return;
+      double* src = gs[s].p;
+      for (int64_t i = 0; i < cols_p; ++i) {
+        const int64_t j0 = i / kPanel * kPanel;  // keep the whole diagonal block, cheap and simple
+        double* gr = a.gram + i * a.ldg;
+        double* sr = src + i * a.ldg;
+        for (int64_t j = j0; j < cols_p; ++j) {
+          gr[j] += sr[j];
+          sr[j] = 0.0;
+        }
+      }
+      gs[s].clean_cols = cols_p;
+      gs[s].clean_ld = a.ldg;
+      if (a.col_sum)
+        for (int64_t c = 0; c < a.cols; ++c) a.col_sum[c] += colsums[s][c];
+      scratch_cache().put(gs[s]);
+      gs[s] = ScratchCache::Block();
+    };
+    auto finish = [&](int64_t s) {
+      int64_t k;
+      {
+        std::lock_guard<std::mutex> l(fold_m);
+        done[s] = 1;
+        if (folding) return;  // the folding thread will see it
+        folding = true;
+        k = fold_next;
+      }
+      for (;;) {
+        {
+          std::lock_guard<std::mutex> l(fold_m);
+          if (k >= nslots || !done[k]) {
+            folding = false;
+            return;
+          }
+        }
+        fold(k);
+        std::lock_guard<std::mutex> l(fold_m);
+        fold_next = ++k;
+      }
+    };
     auto work = [&](int, int) {
-      AlignedBuf packbuf(size_t(kc) * cols_p);
+      CachedBuf packbuf(size_t(kc) * cols_p);
       for (int64_t s; (s = next.fetch_add(1, std::memory_order_relaxed)) < nslots;) {
         try {
-          if (!packbuf.p) { failed[s] = 1; continue; }
+          if (!packbuf.b.p) { failed[s] = 1; finish(s); continue; }
           double* g = a.gram;
           double* cs = a.col_sum;
           if (s > 0) {
-            gs[s] = new (std::nothrow) AlignedBuf(g_elems);
-            if (!gs[s] || !gs[s]->p) { failed[s] = 1; continue; }
-            g = gs[s]->p;
-            for (int64_t i = 0; i < cols_p; ++i) {  // the part the tiles write and the fold reads
-              const int64_t j0 = i / kPanel * kPanel;
-              std::fill(g + i * a.ldg + j0, g + i * a.ldg + cols_p, 0.0);
-            }
+            gs[s] = scratch_cache().get(g_elems);
+            if (!gs[s].p) { failed[s] = 1; finish(s); continue; }
+            g = gs[s].p;
+            if (gs[s].clean_cols != cols_p || gs[s].clean_ld != a.ldg)
+              for (int64_t i = 0; i < cols_p; ++i) {  // the part the tiles write and the fold reads
+                const int64_t j0 = i / kPanel * kPanel;
+                std::fill(g + i * a.ldg + j0, g + i * a.ldg + cols_p, 0.0);
+              }
+            gs[s].clean_cols = gs[s].clean_ld = -1;
             if (cs) { colsums[s].assign(a.cols, 0.0); cs = colsums[s].data(); }
           }
           for (int64_t c = slot[s]; c < slot[s + 1]; ++c) {
             const int64_t r0 = c * kc;
             const int64_t kk = std::min(kc, a.rows - r0);
-            k.pack(a, r0, kk, 0, np, packbuf.p, cs);
-            k.tiles(packbuf.p, kk, np, 0, np, g, a.ldg);
+            k.pack(a, r0, kk, 0, np, packbuf.b.p, cs);
+            k.tiles(packbuf.b.p, kk, np, 0, np, g, a.ldg);
           }
         } catch (const std::exception&) {  // bad_alloc of a column-sum copy: report, never terminate
           failed[s] = 1;
         }
+        finish(s);
       }
     };
-    // Slot 0 writes into G itself, so G is only final once every other slot's copy is added, in slot
-    // order; with fewer threads than asked for (a failed start) the same slots run on fewer threads.
+    // with fewer threads than asked for (a failed start) the same slots run on fewer threads
     run_threads(nt, [](int) {}, work);
     Status st = kOk;
-    for (int64_t s = 0; s < nslots; ++s) if (failed[s]) st = kOutOfMemory;
-    for (int64_t s = 1; s < nslots; ++s) {
-      if (st == kOk) {
-        const double* src = gs[s]->p;
-        for (int64_t i = 0; i < cols_p; ++i) {
-          const int64_t j0 = i / kPanel * kPanel;  // keep the whole diagonal block, cheap and simple
-          for (int64_t j = j0; j < cols_p; ++j) a.gram[i * a.ldg + j] += src[i * a.ldg + j];
-        }
-        if (a.col_sum)
-          for (int64_t c = 0; c < a.cols; ++c) a.col_sum[c] += colsums[s][c];
+    for (int64_t s = 0; s < nslots; ++s) {
+      if (failed[s]) st = kOutOfMemory;
+      if (gs[s].p) {  // not folded (only after a failure): back to the cache, not clean
+        gs[s].clean_cols = gs[s].clean_ld = -1;
+        scratch_cache().put(gs[s]);
       }
-      delete gs[s];
     }
     return st;
   }
@@ -276,7 +377,8 @@ Status gram_update(const GramArgs& a) {
   // Shared schedule. Pieces: panels to pack and triangle pieces of G to update, several per thread
   // so a thread with less of a core takes fewer; thread 0 resets one phase's counter while the others
   // are in the other phase (between the two barriers that bound it).
-  AlignedBuf packbuf(size_t(kc) * cols_p);
+  CachedBuf packbuf_c(size_t(kc) * cols_p);
+  ScratchCache::Block& packbuf = packbuf_c.b;
   if (!packbuf.p) return kOutOfMemory;
   std::vector<int64_t> jsplit, psplit;
   std::atomic<int64_t> next_pack{0}, next_tile{0};
