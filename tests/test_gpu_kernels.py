@@ -650,3 +650,56 @@ def test_dlpack_zero_copy_cupy():
     assert t.is_cuda and t.data_ptr() == a.data.ptr
     ref = np_rankme(np.linalg.svd(cp.asnumpy(a).astype(np.float64), compute_uv=False))
     assert abs(rf.rankme(a) - ref) / ref < 1e-4
+
+
+@needs_triton
+# the unscaled first try of 1e160 float64 overflows (the interpreter's NumPy matmul says so); the Gram's
+# diagonal shows it and the route redoes the product on the exact 2^k copy
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("mode", ("int8", "fp64"))
+@pytest.mark.parametrize("dtype, mag", [(torch.float64, 1e-160), (torch.float64, 1e160), (torch.float32, 1e-30)],
+                         ids=("f64-1e-160", "f64-1e160", "f32-1e-30"))
+def test_triton_route_tiny_and_huge_is_exact(monkeypatch, mode, dtype, mag):
+    """Issue 14 item 8 on the GPU route: embeddings whose squares underflow or overflow (float64 beyond
+    1e±154, float32 beyond float32's squares) give the float64-SVD RankMe through the Triton backend, in
+    memory and streamed through the accumulator, raw and centred, in both exact variants (int8 slices,
+    fp64) — the exact power-of-two scaling happens before the kernel whatever the device (here: the
+    interpreter without a GPU)."""
+    monkeypatch.setenv("RANKME_FAST_TRITON_MODE", mode)
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(160, 12, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 12, dtype=torch.float64)
+    x = (base * mag).to(dtype)
+    acc = rf.GramAccumulator(backend="triton")
+    for r0 in range(0, 160, 80):
+        acc.update(x[r0:r0 + 80].to(DEV))
+    assert acc.backend == "triton"
+    for center in (False, True):
+        v = x.to(torch.float64) / mag  # σ(x) / mag: the same spectrum up to scale
+        if center:
+            v = v - v.mean(0)
+        want = float(np_rankme(ref_sv(v.numpy()).numpy()))
+        got = rf.rankme(x.to(DEV), center=center, backend="triton")
+        assert abs(got - want) <= 1e-9 * want, (center, got, want)
+        got = acc.spectrum(center).rankme()
+        assert abs(got - want) <= 1e-9 * want, (center, got, want)
+
+
+@needs_gpu
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype, mag", [(torch.float64, 1e-160), (torch.float64, 1e160), (torch.float32, 1e-30)],
+                         ids=("f64-1e-160", "f64-1e160", "f32-1e-30"))
+def test_cuda_route_tiny_and_huge_is_exact(dtype, mag):
+    """The same through the CUDA C++ backend (GPU only)."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(160, 12, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 12, dtype=torch.float64)
+    x = (base * mag).to(dtype)
+    acc = rf.GramAccumulator(backend="cuda")
+    for r0 in range(0, 160, 80):
+        acc.update(x[r0:r0 + 80].cuda())
+    for center in (False, True):
+        v = x.to(torch.float64) / mag
+        if center:
+            v = v - v.mean(0)
+        want = float(np_rankme(ref_sv(v.numpy()).numpy()))
+        assert abs(rf.rankme(x.cuda(), center=center, backend="cuda") - want) <= 1e-9 * want
+        assert abs(acc.spectrum(center).rankme() - want) <= 1e-9 * want
