@@ -262,9 +262,10 @@ def _union_ritz(qs, ws, max_cols: int = 512):
     q, w = q[:, live], w[:, live]
     with dense_step(q):
         s2, v = torch.linalg.eigh(q.T @ q)
-    keep = s2 > 1e-12 * float(s2[-1])
-    c = v[:, keep] / s2[keep].sqrt()
-    return _ritz(q @ c, w @ c)
+        keep = s2 > 1e-12 * float(s2[-1])
+        c = v[:, keep] / s2[keep].sqrt()
+        qc, wc = q @ c, w @ c
+    return _ritz(qc, wc)
 
 
 def _converged(theta, res, limit: int, tol: float) -> int:
@@ -315,8 +316,9 @@ def slq_quadrature(op: NormalOperator, *, probes: int = 8, steps: int = 40, defl
     basis = u[:, :n_top]
     dim = d - n_top
     z = torch.randint(0, 2, (d, probes), generator=g).to(F64) * 2 - 1
-    for _ in range(2):
-        z = z - basis @ (basis.T @ z)
+    with dense_step(basis):
+        for _ in range(2):
+            z = z - basis @ (basis.T @ z)
     norms = torch.linalg.vector_norm(z, dim=0)
     m = max(1, min(steps, dim))
     if dim == 0:  # the deflation captured the whole space

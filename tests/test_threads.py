@@ -129,6 +129,32 @@ def test_concurrent_python_threads(restore_threads):
     assert torch.get_num_threads() == before
 
 
+def test_slq_small_products_run_in_the_dense_scope(restore_threads, monkeypatch):
+    """Every small product of SLQ's deflated Lanczos (the reorthogonalisation and the projection against the
+    deflation basis) runs on one torch thread: on torch's 2-thread spinning team the projection alone was
+    5.7x slower with both cores busy (RESULTS.md, issue 14 item 0)."""
+    import inspect
+
+    from rankme_fast import approx
+
+    torch.set_num_threads(2)
+    seen = []
+    orig = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        caller = inspect.currentframe().f_back
+        if caller is not None and caller.f_code.co_filename == approx.__file__:
+            seen.append((caller.f_code.co_name, torch.get_num_threads()))
+        return orig(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    s = rf.spectrum(_mat(6, 2000, 96), method="slq", probes=4, steps=12, deflate_steps=8, deflate=16)
+    assert s.rankme() > 0
+    assert any(name == "proj" for name, _ in seen), seen[:5]
+    assert {n for _, n in seen} == {1}, sorted(set(seen))
+    assert torch.get_num_threads() == 2
+
+
 def test_concurrent_threads_batched_and_approx(restore_threads):
     xb = torch.randn(6, 128, 48, generator=torch.Generator().manual_seed(3))
     x = _mat(4, 2000, 128)
