@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rankme_fast as rf  # noqa: E402
 from rankme_fast._config import cpu_model  # noqa: E402
+from native_guard import require_native  # noqa: E402
 
 ALPHA = 1e-3
 
@@ -135,4 +136,5 @@ def main():
 
 
 if __name__ == "__main__":
+    require_native(__file__)
     main()

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rankme_fast as rf  # noqa: E402
 from rankme_fast import _threads  # noqa: E402
 from rankme_fast._config import cpu_model  # noqa: E402
+from native_guard import require_native  # noqa: E402
 
 CONDITIONS = ("quiet", "one_busy", "all_busy")
 
@@ -234,4 +235,5 @@ def main():
 
 
 if __name__ == "__main__":
+    require_native(__file__)
     main()
