@@ -26,11 +26,12 @@ never a SIGBUS, and resident memory stays at a few chunks plus the d×d state ho
 whoever else maps it. Chunks whose pages are not in the page cache are read with ``O_DIRECT`` (the disk
 writes into the buffer; a read through the page cache costs ~1 CPU-second per GB on a small VM, CPU the
 Gram kernel needs): ``RANKME_FAST_DIRECT_IO=auto`` (default), ``on`` or ``off``; file systems without
-``O_DIRECT`` (tmpfs, some FUSE) are read through the cache. ``.pt``: the same for zip-format files whose tensor is row-major (contiguous, or
-a column slice of a wider tensor: rows at a constant stride) or column-major (a saved ``x.T``) —
-torch's mapping is dropped once the record's offset is known; any other view is copied chunk by chunk
-from torch's mapping (a SIGBUS remains possible if that file is cut while read), and a legacy-format
-file is loaded into memory.
+``O_DIRECT`` (tmpfs, some FUSE) are read through the cache.
+
+``.pt``: the same for zip-format files whose tensor is row-major (contiguous, or a column slice of a
+wider tensor: rows at a constant stride), column-major (a saved ``x.T``) or any other 2-D strided view
+(read span by span from the storage's record): torch's mapping is dropped once the record's offset is
+known; a legacy-format file is loaded into memory.
 """
 from __future__ import annotations
 
@@ -415,8 +416,8 @@ class _RawReader(Reader):
         m, d, dt = r1 - r0, self.n_features, self._np_dtype
         nbytes = m * d * dt.itemsize
         pool = getattr(_tls, "pool", None)
-        if self._fortran:
-            buf = pool.get(nbytes) if pool is not None else np.empty(nbytes, dtype=np.uint8)  # column j of rows [r0, r1) is one contiguous span
+        if self._fortran:  # column j of rows [r0, r1) is one contiguous span
+            buf = pool.get(nbytes) if pool is not None else np.empty(nbytes, dtype=np.uint8)
             cols = buf.view(dt).reshape(d, m)
             for j in range(d):
                 self._pread(cols[j], self._offset + (j * self.n_rows + r0) * dt.itemsize, r0, r1)
