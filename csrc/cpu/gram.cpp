@@ -3,10 +3,11 @@
 // Two parallel schedules (chosen by the size of G), both dynamic (a thread that gets less of a core,
 // e.g. beside a data-loader worker, takes less of the work) and both deterministic (the same input
 // and thread count give the same bits whichever thread ran what):
-//  * private: the chunks are cut into contiguous slots of decreasing size (guided: big ones first,
-//    small ones last so the threads finish together); threads take slots in turn from a counter. Slot 0
-//    adds into G itself, every other slot into its own zeroed copy, and the copies are added into G in
-//    slot order at the end. Used while the copies stay small (<= 32 MiB in all).
+//  * private: the chunks are cut into contiguous slots of decreasing size (guided, or rounds of equal
+//    slots when the copies would exceed their budget: big ones first, small ones last so the threads
+//    finish together); threads take slots in turn from a counter. Slot 0 adds into G itself, every other
+//    slot into its own zeroed copy (from a process-wide cache), and the copies are added into G in slot
+//    order as the slots complete. Used while the copies stay small (<= 32 MiB in all).
 //  * shared: all threads pack one chunk together, meet at a barrier, then update disjoint pieces of
 //    the shared G (equal triangle areas, several per thread, taken from a counter); every element of
 //    G is written by one thread per chunk, in chunk order.
