@@ -170,8 +170,12 @@ class ScratchCache {
     b.elems = b.p ? elems : 0;
     return b;
   }
-  void put(Block b) {
+  // Back into the cache; clean_cols / clean_ld: the layout whose tile region the caller left all zero
+  // (-1: nothing known), so no block keeps a tag from an earlier use.
+  void put(Block b, int64_t clean_cols = -1, int64_t clean_ld = -1) {
     if (!b.p) return;
+    b.clean_cols = clean_cols;
+    b.clean_ld = clean_ld;
     {
       std::lock_guard<std::mutex> l(m_);
       if (bytes_ + b.elems * sizeof(double) <= kCacheBytes) {
@@ -199,10 +203,7 @@ ScratchCache& scratch_cache() {
 struct CachedBuf {
   ScratchCache::Block b;
   explicit CachedBuf(size_t n) : b(scratch_cache().get(n)) {}
-  ~CachedBuf() {
-    b.clean_cols = b.clean_ld = -1;  // written by its user: no longer known to be zero anywhere
-    scratch_cache().put(b);
-  }
+  ~CachedBuf() { scratch_cache().put(b); }
   CachedBuf(const CachedBuf&) = delete;
   CachedBuf& operator=(const CachedBuf&) = delete;
 };
@@ -316,11 +317,9 @@ Status gram_update(const GramArgs& a) {
           sr[j] = 0.0;
         }
       }
-      gs[s].clean_cols = cols_p;
-      gs[s].clean_ld = a.ldg;
       if (a.col_sum)
         for (int64_t c = 0; c < a.cols; ++c) a.col_sum[c] += colsums[s][c];
-      scratch_cache().put(gs[s]);
+      scratch_cache().put(gs[s], cols_p, a.ldg);
       gs[s] = ScratchCache::Block();
     };
     auto finish = [&](int64_t s) {
@@ -361,7 +360,6 @@ Status gram_update(const GramArgs& a) {
                 const int64_t j0 = i / kPanel * kPanel;
                 std::fill(g + i * a.ldg + j0, g + i * a.ldg + cols_p, 0.0);
               }
-            gs[s].clean_cols = gs[s].clean_ld = -1;
             if (cs) { colsums[s].assign(a.cols, 0.0); cs = colsums[s].data(); }
           }
           for (int64_t c = slot[s]; c < slot[s + 1]; ++c) {
@@ -381,10 +379,7 @@ Status gram_update(const GramArgs& a) {
     Status st = kOk;
     for (int64_t s = 0; s < nslots; ++s) {
       if (failed[s]) st = kOutOfMemory;
-      if (gs[s].p) {  // not folded (only after a failure): back to the cache, not clean
-        gs[s].clean_cols = gs[s].clean_ld = -1;
-        scratch_cache().put(gs[s]);
-      }
+      scratch_cache().put(gs[s]);  // not folded (only after a failure): back to the cache, not clean
     }
     return st;
   }
