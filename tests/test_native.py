@@ -8,6 +8,7 @@ import json
 import os
 import platform
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,6 +244,40 @@ def test_gram_update_scratch_reuse_across_shapes():
         up = torch.triu(torch.ones(cols, cols, dtype=torch.bool))
         assert bool(((g[:cols, :cols] - exact).abs() <= bound)[up].all()), cols
         assert bool(((cs - cs_exact).abs() <= cs_bound).all()), cols
+
+
+@needs_native
+@pytest.mark.parametrize("rows, kind", [(3000, "rank1"), (3000, "rank8"), (3000, "decay"), (600, "rank8")],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("threads", [2, 3])
+def test_gram_update_private_rounds_over_the_copy_budget(rows, kind, threads):
+    """d = 1000 (8 MB copies: the guided slots of many 16-row chunks exceed the 32 MiB copy budget, so the
+    private schedule cuts rounds of equal slots), collapsed and fast-decaying spectra, N > d and N < d:
+    reproducible bits on every call and the float64 oracle's bound; the spectrum of the Gram matches
+    NumPy's float64 SVD of the rows."""
+    cols = 1000
+    g = torch.Generator().manual_seed(rows + threads)
+    r = {"rank1": 1, "rank8": 8, "decay": cols}[kind]
+    x = torch.randn(rows, r, generator=g, dtype=torch.float64) @ torch.randn(r, cols, generator=g, dtype=torch.float64)
+    if kind == "decay":
+        x = torch.randn(rows, cols, generator=g, dtype=torch.float64) * torch.logspace(0, -6, cols, dtype=torch.float64)
+    x = x.to(torch.float32)
+    gram0, cs0 = torch.zeros(cpu.padded(cols), cpu.padded(cols), dtype=torch.float64), torch.zeros(cols, dtype=torch.float64)
+    outs = []
+    for _ in range(2):
+        gg, cs = gram0.clone(), cs0.clone()
+        cpu.gram_update(x, gg, col_sum=cs, num_threads=threads, chunk_rows=16)
+        outs.append((torch.triu(gg[:cols, :cols]), cs))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    exact, bound, cs_exact, cs_bound = _oracle(x, gram0, cs0, None, None)
+    up = torch.triu(torch.ones(cols, cols, dtype=torch.bool))
+    assert bool(((outs[0][0] - exact).abs() <= bound)[up].all())
+    assert bool(((outs[0][1] - cs_exact).abs() <= cs_bound).all())
+    full = outs[0][0] + outs[0][0].T - torch.diag(torch.diagonal(outs[0][0]))
+    ev = torch.linalg.eigvalsh(full).flip(0).clamp_min(0).sqrt()
+    sv = np.linalg.svd(x.double().numpy(), compute_uv=False)
+    k = min(rows, cols)
+    assert float((ev[:k] - torch.from_numpy(sv)).abs().max()) <= 1e-6 * float(sv[0])
 
 
 def test_gram_update_accumulates_over_calls():
