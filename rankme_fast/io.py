@@ -349,14 +349,21 @@ class _RawReader(Reader):
         self.bytes_direct = self.bytes_cached = 0
 
     def _direct_fd(self) -> Optional[int]:
+        """A second descriptor of the *same* file as ``_fd`` (reopened through /proc/self/fd, so a path
+        renamed over or replaced since cannot be read instead), opened with O_DIRECT; None if refused."""
         if self._dfd is None:
+            self._dfd = -1
+            proc = f"/proc/self/fd/{self._fd}"
+            flags = os.O_RDONLY | os.O_DIRECT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
             try:
-                self._dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
-                if not stat.S_ISREG(os.fstat(self._dfd).st_mode):  # replaced by something else since
-                    os.close(self._dfd)
-                    self._dfd = -1
+                dfd = os.open(proc if os.path.exists(proc) else self.path, flags)
             except OSError:  # EINVAL: the file system has no O_DIRECT (tmpfs, some FUSE); or gone
-                self._dfd = -1
+                return None
+            a, b = os.fstat(dfd), os.fstat(self._fd)
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and stat.S_ISREG(a.st_mode):
+                self._dfd = dfd
+            else:  # not the file being read (replaced at its path): read through the cache
+                os.close(dfd)
         return self._dfd if self._dfd >= 0 else None
 
     def _want_direct(self, off: int, nbytes: int) -> bool:

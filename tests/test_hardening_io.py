@@ -684,3 +684,29 @@ def test_direct_io_mode_is_validated(tmp_path, monkeypatch):
     for ok in ("AUTO", "0", "true", " on "):
         monkeypatch.setenv("RANKME_FAST_DIRECT_IO", ok)
         assert rel_err(score(str(p), metrics="rankme", progress=False).metrics["rankme"], rankme_ref(x)) < 1e-9
+
+
+def test_direct_io_reads_the_file_that_was_opened(tmp_path, monkeypatch):
+    """A file replaced at its path (``os.replace``) after reading started: the O_DIRECT descriptor is a reopen
+    of the descriptor already held (the same inode), so every row comes from the file that was opened,
+    never from its replacement."""
+    x = xmat(3000, 32, seed=9)
+    p = tmp_path / "r.npy"
+    np.save(p, x)
+    monkeypatch.setenv("RANKME_FAST_DIRECT_IO", "on")
+    monkeypatch.setattr(rio, "DIRECT_MIN_BYTES", 1 << 40)
+    if not _o_direct_ok(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    r = rio.open_reader(str(p))
+    try:
+        first = r.read(0, 100).clone()  # through the cache: the O_DIRECT descriptor is not open yet
+        assert r.bytes_direct == 0
+        other = tmp_path / "other.npy"
+        np.save(other, -x)
+        os.replace(other, p)
+        monkeypatch.setattr(rio, "DIRECT_MIN_BYTES", 1)  # the O_DIRECT descriptor opens now, after the swap
+        rest = r.read(100, 3000).clone()
+        assert r.bytes_direct > 0
+    finally:
+        r.close()
+    assert torch.equal(torch.cat([first, rest]), torch.from_numpy(x))
