@@ -64,7 +64,7 @@ constexpr int64_t kPanelBlock = 512;
 // Dot kernel: features per slice, so that the item's L x W stored values stay around 24 KiB of L1 while
 // every tile sweeps them.
 int64_t dot_block(int64_t rows, int64_t esz, int64_t want) {
-  if (want > 0) return (want + 7) / 8 * 8;
+  if (want > 0) return (want + 15) / 16 * 16;  // slices start at multiples of 16 (the bf16 blocks)
   const int64_t w = (int64_t(24576) / std::max<int64_t>(rows * esz, 1)) / 64 * 64;
   return std::min<int64_t>(4096, std::max<int64_t>(64, w));
 }
@@ -90,30 +90,6 @@ struct Buf {
   Buf(Buf&& o) noexcept : p(o.p) { o.p = nullptr; }
   ~Buf() {
     if (p) ::operator delete[](p, std::align_val_t(64));
-  }
-};
-
-// Software prefetch of the next item's rows (into L2), a few lines at a time between pieces of work
-// (one burst would overflow the miss queues). Rows of short items are too short a run for the
-// hardware prefetchers to get up to speed (measured, 10,000 items of 10 x 4096 bf16 on 2 threads:
-// about 57 -> 50 ms on top of the in-row prefetch of the kernels).
-struct Prefetcher {
-  const char* base = nullptr;
-  int64_t rows = 0, row_bytes = 0, stride_bytes = 0;
-  int64_t row = 0, off = 0;
-  int64_t lines() const { return base ? rows * ((row_bytes + 63) / 64) : 0; }
-  void step(int64_t n) {
-    if (!base) return;
-    if (stride_bytes == row_bytes) {  // contiguous rows: one run
-      const int64_t end = std::min(off + 64 * n, rows * row_bytes);
-      for (; off < end; off += 64) __builtin_prefetch(base + off, 0, 2);
-      return;
-    }
-    for (; n > 0 && row < rows; --n) {
-      __builtin_prefetch(base + row * stride_bytes + off, 0, 2);
-      off += 64;
-      if (off >= row_bytes) { off = 0; ++row; }
-    }
   }
 };
 
@@ -194,7 +170,7 @@ Status row_gram_batch(const RowGramArgs& a) {
       while (qn < nitems) {
         const int64_t q = qn;
         qn = next.fetch_add(1, std::memory_order_relaxed);
-        Prefetcher pf;
+        RowPrefetch pf;
         if (qn < nitems && a.stride_c == 1) {
           const int64_t bn = items[static_cast<size_t>(qn)].second;
           pf.base = static_cast<const char*>(a.x) + bn * a.stride_b * static_cast<int64_t>(esz);
@@ -237,11 +213,12 @@ Status row_gram_batch(const RowGramArgs& a) {
           double* rsum = sc.rsum.p;
           for (int64_t i = 0; i < L; ++i) std::fill(vacc + (i * L + i) * 8, vacc + (i * L + L) * 8, 0.0);
           std::fill(rsum, rsum + L * 8, 0.0);
-          const int64_t per = pf.lines() / std::max<int64_t>(1, (a.dim + w - 1) / w) + 1;
-          for (int64_t f0 = 0; f0 < a.dim; f0 += w) {
-            pf.step(per);
-            k.fused(it, f0, std::min(w, a.dim - f0), vacc, rsum);
-          }
+          // the kernels' steps: one per group of 8 features per tile (about nb (nb + 1) / 2 tiles of rt rows)
+          const int64_t rt = k.vl_doubles >= 8 ? 5 : 3, nb = (L + rt - 1) / rt;
+          const int64_t steps = std::max<int64_t>(1, (a.dim + 7) / 8 * (nb * (nb + 1) / 2));
+          pf.per_iter = (pf.lines() + steps - 1) / steps;
+          for (int64_t f0 = 0; f0 < a.dim; f0 += w) k.fused(it, f0, std::min(w, a.dim - f0), vacc, rsum, &pf);
+          pf.step(pf.lines());  // what the kernels' steps did not reach
           for (int64_t i = 0; i < L; ++i) {
             for (int64_t j = i; j < L; ++j) {
               const double* v = vacc + (i * L + j) * 8;

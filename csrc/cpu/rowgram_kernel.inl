@@ -78,6 +78,57 @@ RANKME_RG_INLINE p8d cvt8(const BFloat16* s) {
 #endif
 }
 
+// bfloat16 on 8-lane vectors (AVX-512) goes 16 features at a time: one 32-byte load, one unpack with zeros
+// (the 16-bit values in the high halves are the floats, exact) and one float -> double conversion per half.
+// That is a lane order of its own (a 128-bit unpack works within each 128-bit lane): in a block of 16
+// features starting at c, half h, lane l holds feature c + kB16Off[h][l] = c + 4h + (l & 3) + 2 (l & 4);
+// half 0 is accumulated before half 1, so each lane still sums its features in increasing order. Measured
+// on Zen 4, one core, a 10-row item in L1: 87% of the FMA peak against 74% for the zero-extend + shift +
+// convert of 8 features (cvt8), which takes the FMA pipes' issue slots.
+template <typename T>
+constexpr bool kB16 = VL == 8 && std::is_same<T, BFloat16>::value;
+constexpr int kB16Off[2][8] = {{0, 1, 2, 3, 8, 9, 10, 11}, {4, 5, 6, 7, 12, 13, 14, 15}};
+RANKME_RG_INLINE p8d cvt16h(const BFloat16* s, int h) {
+#if defined(__AVX512F__)
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+  const __m256i z = _mm256_setzero_si256();
+  const __m256i u = h ? _mm256_unpackhi_epi16(z, v) : _mm256_unpacklo_epi16(z, v);
+  const __m512d d = _mm512_cvtps_pd(_mm256_castsi256_ps(u));
+  p8d r;
+  std::memcpy(&r, &d, sizeof r);
+  return r;
+#else
+  p8d r;
+  for (int l = 0; l < 8; ++l) r[l] = to_double(s[kB16Off[h][l]]);
+  return r;
+#endif
+}
+// The column shifts of a 16-feature block in the lane order of half h.
+RANKME_RG_INLINE p8d csh16h(const double* p, int h) {
+  typedef int64_t idx8 __attribute__((vector_size(8 * sizeof(int64_t))));
+  const idx8 lo = {0, 1, 2, 3, 8, 9, 10, 11}, hi = {4, 5, 6, 7, 12, 13, 14, 15};
+  const p8d a = load8(p), b = load8(p + 8);
+  return h ? __builtin_shuffle(a, b, hi) : __builtin_shuffle(a, b, lo);
+}
+// Half h of the block of 16 features at c of row `src` (element stride sc; features at or past n are 0),
+// upcast, minus the row's shift and (CS) the column shifts: the general path of the lane order above.
+template <bool CS>
+RANKME_RG_INLINE p8d group16h(const BFloat16* src, int64_t c, int64_t sc, double rsh, const double* csh, int64_t n,
+                              int h) {
+  p8d v;
+  for (int l = 0; l < 8; ++l) {
+    const int o = kB16Off[h][l];
+    if (o < n) {
+      double t = to_double(src[(c + o) * sc]) - rsh;
+      if (CS) t -= csh[c + o];
+      v[l] = t;
+    } else {
+      v[l] = 0.0;
+    }
+  }
+  return v;
+}
+
 // ---- the dot kernel (short items): upcast fused into register tiles ---------------------------------
 //
 // Rows are split in blocks of RT; every block pair I <= J is a register tile whose accumulators (one
@@ -135,6 +186,25 @@ static void ftile_any(const RowItem& it, int64_t i0, int64_t j0, int64_t f0, int
   const T* base = static_cast<const T*>(it.x) + f0 * sc;
   const double* csh = CS ? it.col_shift + f0 : nullptr;
   auto rsh = [&](int64_t i) { return it.row_shift ? it.row_shift[i] : 0.0; };
+  if constexpr (kB16<T>) {
+    for (int64_t c = c0; c < w; c += 16)
+      for (int h = 0; h < 2; ++h) {
+        p8d a[A];
+        for (int p = 0; p < A; ++p) a[p] = group16h<CS>(base + (i0 + p) * it.stride_r, c, sc, rsh(i0 + p), csh, w - c, h);
+        if (D) {
+          for (int p = 0; p < A; ++p) {
+            rs[p] += a[p];
+            for (int q = p; q < B; ++q) acc[p][q] += a[p] * a[q];
+          }
+        } else {
+          for (int q = 0; q < B; ++q) {
+            const p8d bq = group16h<CS>(base + (j0 + q) * it.stride_r, c, sc, rsh(j0 + q), csh, w - c, h);
+            for (int p = 0; p < A; ++p) acc[p][q] += a[p] * bq;
+          }
+        }
+      }
+    c0 = w;  // the 8-feature loop below has nothing left
+  }
   for (int64_t c = c0; c < w; c += 8) {
     const int n = static_cast<int>(std::min<int64_t>(8, w - c));
     p8d a[A];
@@ -194,7 +264,7 @@ RANKME_RG_INLINE void cvtg(const T* s, vd out[G]) {
 // loop whose accumulators (G native vectors per pair), operands and row pointers stay in registers.
 template <typename T, bool CS, int A, int B, bool D>
 static void ftile_fast(const RowItem& it, int64_t i0, int64_t j0, int64_t f0, int64_t w8, double* __restrict vacc,
-                       double* __restrict rsum, int64_t rows) {
+                       double* __restrict rsum, int64_t rows, RowPrefetch* pf) {
   vd acc[A][B][G];
   for (int p = 0; p < A; ++p)
     for (int q = 0; q < B; ++q)
@@ -208,9 +278,38 @@ static void ftile_fast(const RowItem& it, int64_t i0, int64_t j0, int64_t f0, in
   const T* pa = x + i0 * ld;
   const T* pb = x + j0 * ld;
   const double* csh = CS ? it.col_shift + f0 : nullptr;
+  if constexpr (kB16<T>) {  // G == 1; w8 is a multiple of 16 here (ftile)
+    for (int64_t c = 0; c < w8; c += 16) {
+      if ((c & 31) == 0)
+        for (int p = 0; p < A; ++p) __builtin_prefetch(pa + p * ld + c + kTilePrefetchBytes / sizeof(T));
+      if (pf) pf->step(2 * pf->per_iter);
+      for (int h = 0; h < 2; ++h) {
+        vd cs{};
+        if (CS) cs = csh16h(csh + c, h);
+        vd a[A];
+        for (int p = 0; p < A; ++p) {
+          a[p] = cvt16h(pa + p * ld + c, h);
+          if (CS) a[p] -= cs;
+        }
+        if (D) {
+          for (int p = 0; p < A; ++p) {
+            rs[p][0] += a[p];
+            for (int q = p; q < B; ++q) acc[p][q][0] += a[p] * a[q];
+          }
+        } else {
+          for (int q = 0; q < B; ++q) {
+            vd bq = cvt16h(pb + q * ld + c, h);
+            if (CS) bq -= cs;
+            for (int p = 0; p < A; ++p) acc[p][q][0] += a[p] * bq;
+          }
+        }
+      }
+    }
+  } else
   for (int64_t c = 0; c < w8; c += 8) {
     if ((c & 31) == 0)
       for (int p = 0; p < A; ++p) __builtin_prefetch(pa + p * ld + c + kTilePrefetchBytes / sizeof(T));
+    if (pf) pf->step(pf->per_iter);
     vd cs[G];
     if (CS)
       for (int g = 0; g < G; ++g) cs[g] = load(csh + c + g * VL);
@@ -247,42 +346,42 @@ static void ftile_fast(const RowItem& it, int64_t i0, int64_t j0, int64_t f0, in
 
 template <typename T, bool CS, int A, int B, bool D>
 static inline void ftile(const RowItem& it, int64_t i0, int64_t j0, int64_t f0, int64_t w, double* vacc, double* rsum,
-                         int64_t rows) {
+                         int64_t rows, RowPrefetch* pf) {
   int64_t c0 = 0;
   if (it.stride_c == 1 && !it.row_shift) {
-    c0 = w / 8 * 8;
-    if (c0) ftile_fast<T, CS, A, B, D>(it, i0, j0, f0, c0, vacc, rsum, rows);
+    c0 = kB16<T> ? w / 16 * 16 : w / 8 * 8;
+    if (c0) ftile_fast<T, CS, A, B, D>(it, i0, j0, f0, c0, vacc, rsum, rows, pf);
   }
   if (c0 < w) ftile_any<T, CS, A, B, D>(it, i0, j0, f0, c0, w, vacc, rsum, rows);
 }
 
 template <typename T, bool CS, int A>
 static inline void ftile_diag(const RowItem& it, int64_t i0, int64_t f0, int64_t w, double* vacc, double* rsum,
-                              int64_t rows) {
-  ftile<T, CS, A, A, true>(it, i0, i0, f0, w, vacc, rsum, rows);
+                              int64_t rows, RowPrefetch* pf) {
+  ftile<T, CS, A, A, true>(it, i0, i0, f0, w, vacc, rsum, rows, pf);
 }
 
 template <typename T, bool CS>
-static void fused_t(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum) {
+static void fused_t(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum, RowPrefetch* pf) {
   const int64_t rows = it.rows;
   for (int64_t i0 = 0; i0 < rows; i0 += RT) {
     const int a = static_cast<int>(std::min<int64_t>(RT, rows - i0));
     switch (a) {
-      case 1: ftile_diag<T, CS, 1>(it, i0, f0, w, vacc, rsum, rows); break;
-      case 2: ftile_diag<T, CS, 2>(it, i0, f0, w, vacc, rsum, rows); break;
-      case 3: if constexpr (RT >= 3) ftile_diag<T, CS, 3>(it, i0, f0, w, vacc, rsum, rows); break;
-      case 4: if constexpr (RT >= 4) ftile_diag<T, CS, 4>(it, i0, f0, w, vacc, rsum, rows); break;
-      default: if constexpr (RT >= 5) ftile_diag<T, CS, RT>(it, i0, f0, w, vacc, rsum, rows); break;
+      case 1: ftile_diag<T, CS, 1>(it, i0, f0, w, vacc, rsum, rows, pf); break;
+      case 2: ftile_diag<T, CS, 2>(it, i0, f0, w, vacc, rsum, rows, pf); break;
+      case 3: if constexpr (RT >= 3) ftile_diag<T, CS, 3>(it, i0, f0, w, vacc, rsum, rows, pf); break;
+      case 4: if constexpr (RT >= 4) ftile_diag<T, CS, 4>(it, i0, f0, w, vacc, rsum, rows, pf); break;
+      default: if constexpr (RT >= 5) ftile_diag<T, CS, RT>(it, i0, f0, w, vacc, rsum, rows, pf); break;
     }
     // off-diagonal tiles: the i-block is full (only the last block can be short, and it has none)
     for (int64_t j0 = i0 + RT; j0 < rows; j0 += RT) {
       const int b = static_cast<int>(std::min<int64_t>(RT, rows - j0));
       switch (b) {
-        case 1: ftile<T, CS, RT, 1, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
-        case 2: if constexpr (RT >= 2) ftile<T, CS, RT, 2, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
-        case 3: if constexpr (RT >= 3) ftile<T, CS, RT, 3, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
-        case 4: if constexpr (RT >= 4) ftile<T, CS, RT, 4, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
-        default: if constexpr (RT >= 5) ftile<T, CS, RT, RT, false>(it, i0, j0, f0, w, vacc, rsum, rows); break;
+        case 1: ftile<T, CS, RT, 1, false>(it, i0, j0, f0, w, vacc, rsum, rows, pf); break;
+        case 2: if constexpr (RT >= 2) ftile<T, CS, RT, 2, false>(it, i0, j0, f0, w, vacc, rsum, rows, pf); break;
+        case 3: if constexpr (RT >= 3) ftile<T, CS, RT, 3, false>(it, i0, j0, f0, w, vacc, rsum, rows, pf); break;
+        case 4: if constexpr (RT >= 4) ftile<T, CS, RT, 4, false>(it, i0, j0, f0, w, vacc, rsum, rows, pf); break;
+        default: if constexpr (RT >= 5) ftile<T, CS, RT, RT, false>(it, i0, j0, f0, w, vacc, rsum, rows, pf); break;
       }
     }
   }
@@ -338,7 +437,7 @@ static void fill_rows(const RowItem& it, int64_t f, int64_t sw, double* __restri
 // sums) over the buffer's ldb (a multiple of 8) features, one native vector of lanes at a time.
 template <int A, int B, bool D>
 static void btile(const double* __restrict buf, int64_t ldb, int64_t i0, int64_t j0,
-                  double* __restrict vacc, double* __restrict rsum, int64_t rows) {
+                  double* __restrict vacc, double* __restrict rsum, int64_t rows, RowPrefetch* pf) {
   for (int g = 0; g < NV; ++g) {
     vd acc[A][B];
     for (int p = 0; p < A; ++p)
@@ -349,6 +448,7 @@ static void btile(const double* __restrict buf, int64_t ldb, int64_t i0, int64_t
     const double* pa = buf + i0 * ldb + g * VL;
     const double* pb = buf + j0 * ldb + g * VL;
     for (int64_t c = 0; c < ldb; c += 8) {
+      if (pf && g == 0) pf->step(pf->per_iter);
       vd a[A];
       for (int p = 0; p < A; ++p) a[p] = load(pa + p * ldb + c);
       if (D) {
@@ -371,7 +471,7 @@ static void btile(const double* __restrict buf, int64_t ldb, int64_t i0, int64_t
 }
 
 template <typename T, bool CS>
-static void fused_buffered(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum) {
+static void fused_buffered(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum, RowPrefetch* pf) {
   constexpr int BA = 3, BB = 4;
   alignas(64) double buf[kDotBufBytes / sizeof(double)];
   const int64_t rows = it.rows;
@@ -382,16 +482,16 @@ static void fused_buffered(const RowItem& it, int64_t f0, int64_t w, double* vac
     fill_rows<T, CS>(it, f0 + s0, sw, buf, ldb);
     for (int64_t i0 = 0; i0 < rows; i0 += BA) {
       switch (std::min<int64_t>(BA, rows - i0)) {
-        case 1: btile<1, 1, true>(buf, ldb, i0, i0, vacc, rsum, rows); break;
-        case 2: btile<2, 2, true>(buf, ldb, i0, i0, vacc, rsum, rows); break;
-        default: btile<BA, BA, true>(buf, ldb, i0, i0, vacc, rsum, rows); break;
+        case 1: btile<1, 1, true>(buf, ldb, i0, i0, vacc, rsum, rows, pf); break;
+        case 2: btile<2, 2, true>(buf, ldb, i0, i0, vacc, rsum, rows, pf); break;
+        default: btile<BA, BA, true>(buf, ldb, i0, i0, vacc, rsum, rows, pf); break;
       }
       for (int64_t j0 = i0 + BA; j0 < rows; j0 += BB) {  // the i-block is full: only the last can be short
         switch (std::min<int64_t>(BB, rows - j0)) {
-          case 1: btile<BA, 1, false>(buf, ldb, i0, j0, vacc, rsum, rows); break;
-          case 2: btile<BA, 2, false>(buf, ldb, i0, j0, vacc, rsum, rows); break;
-          case 3: btile<BA, 3, false>(buf, ldb, i0, j0, vacc, rsum, rows); break;
-          default: btile<BA, BB, false>(buf, ldb, i0, j0, vacc, rsum, rows); break;
+          case 1: btile<BA, 1, false>(buf, ldb, i0, j0, vacc, rsum, rows, pf); break;
+          case 2: btile<BA, 2, false>(buf, ldb, i0, j0, vacc, rsum, rows, pf); break;
+          case 3: btile<BA, 3, false>(buf, ldb, i0, j0, vacc, rsum, rows, pf); break;
+          default: btile<BA, BB, false>(buf, ldb, i0, j0, vacc, rsum, rows, pf); break;
         }
       }
     }
@@ -399,22 +499,22 @@ static void fused_buffered(const RowItem& it, int64_t f0, int64_t w, double* vac
 }
 
 template <typename T>
-static void fused_dt(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum) {
+static void fused_dt(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum, RowPrefetch* pf) {
   if (VL < 8 && it.rows * 8 * int64_t(sizeof(double)) <= kDotBufBytes) {  // a sub-slice of >= 8 features fits
-    if (it.col_shift) fused_buffered<T, true>(it, f0, w, vacc, rsum);
-    else fused_buffered<T, false>(it, f0, w, vacc, rsum);
+    if (it.col_shift) fused_buffered<T, true>(it, f0, w, vacc, rsum, pf);
+    else fused_buffered<T, false>(it, f0, w, vacc, rsum, pf);
     return;
   }
-  if (it.col_shift) fused_t<T, true>(it, f0, w, vacc, rsum);
-  else fused_t<T, false>(it, f0, w, vacc, rsum);
+  if (it.col_shift) fused_t<T, true>(it, f0, w, vacc, rsum, pf);
+  else fused_t<T, false>(it, f0, w, vacc, rsum, pf);
 }
 
-void fused(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum) {
+void fused(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum, RowPrefetch* pf) {
   switch (it.dtype) {
-    case DType::kFloat64: fused_dt<double>(it, f0, w, vacc, rsum); break;
-    case DType::kFloat32: fused_dt<float>(it, f0, w, vacc, rsum); break;
-    case DType::kFloat16: fused_dt<Half>(it, f0, w, vacc, rsum); break;
-    case DType::kBFloat16: fused_dt<BFloat16>(it, f0, w, vacc, rsum); break;
+    case DType::kFloat64: fused_dt<double>(it, f0, w, vacc, rsum, pf); break;
+    case DType::kFloat32: fused_dt<float>(it, f0, w, vacc, rsum, pf); break;
+    case DType::kFloat16: fused_dt<Half>(it, f0, w, vacc, rsum, pf); break;
+    case DType::kBFloat16: fused_dt<BFloat16>(it, f0, w, vacc, rsum, pf); break;
   }
 }
 
