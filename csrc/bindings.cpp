@@ -123,6 +123,33 @@ static void row_gram_batch(uintptr_t x, int dtype, int64_t batch, int64_t n_max,
   if (st != rankme::kOk) throw std::invalid_argument(std::string("row_gram_batch: ") + rankme::status_string(st));
 }
 
+// Mean log-eigenvalue of ridge-shifted, optionally centred row Grams by Cholesky (see rankme/rowgram.h).
+static void spd_logdet_batch(uintptr_t gram, int64_t batch, int64_t n_max, int64_t gram_stride_b, int64_t ldg,
+                             uintptr_t lengths, uintptr_t row_sum, int64_t row_sum_stride_b, double scale, double ridge,
+                             uintptr_t out, uintptr_t info, int num_threads) {
+  rankme::SpdLogdetArgs a;
+  a.gram = reinterpret_cast<const double*>(gram);
+  a.batch = batch;
+  a.n_max = n_max;
+  a.gram_stride_b = gram_stride_b;
+  a.ldg = ldg;
+  a.lengths = reinterpret_cast<const int64_t*>(lengths);
+  a.row_sum = reinterpret_cast<const double*>(row_sum);
+  a.row_sum_stride_b = row_sum_stride_b;
+  a.scale = scale;
+  a.ridge = ridge;
+  a.out = reinterpret_cast<double*>(out);
+  a.info = reinterpret_cast<int64_t*>(info);
+  a.num_threads = num_threads;
+  rankme::Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = rankme::spd_logdet_batch(a);
+  }
+  if (st == rankme::kOutOfMemory) throw std::bad_alloc();
+  if (st != rankme::kOk) throw std::invalid_argument(std::string("spd_logdet_batch: ") + rankme::status_string(st));
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rankme_fast CPU kernels (framework-agnostic; no libtorch)";
   m.def("gram_update", &gram_update, "G += V^T V over row chunks in float64 (see csrc/include/rankme/gram.h)",
@@ -144,6 +171,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("col_shift_stride_b"), py::arg("col_shift_stride_c"), py::arg("gram"), py::arg("gram_stride_b"),
         py::arg("ldg"), py::arg("row_sum"), py::arg("row_sum_stride_b"), py::arg("num_threads"),
         py::arg("block_cols") = 0, py::arg("kernel") = 0);
+  m.def("spd_logdet_batch", &spd_logdet_batch,
+        "ln det(G - scale r r^T + ridge I) / L per item by Cholesky (see csrc/include/rankme/rowgram.h)",
+        py::arg("gram"), py::arg("batch"), py::arg("n_max"), py::arg("gram_stride_b"), py::arg("ldg"),
+        py::arg("lengths"), py::arg("row_sum"), py::arg("row_sum_stride_b"), py::arg("scale"), py::arg("ridge"),
+        py::arg("out"), py::arg("info"), py::arg("num_threads"));
   m.def("gram_isa", &rankme::gram_isa, "instruction set the Gram kernel dispatches to on this CPU");
   m.def("isa_supported", [](const std::string& isa) { return rankme::isa_supported(isa.c_str()); },
         "whether this CPU and build can run the kernels of isa ('generic', 'avx2', 'avx512')");

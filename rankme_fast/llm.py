@@ -20,7 +20,8 @@ below where the extension is missing), elsewhere as a batched float64 matmul of 
 Centring is applied to the Gram in float64: over features, ``G − r rᵀ/d`` with the row sums ``r``; over
 tokens, the rows are first shifted by the item's first token (removing large shared components, e.g.
 LLMs' massive activations, exactly) and the Gram is then double-centred. Log-determinants (EigenScore,
-LLM-Check) come from a batched Cholesky factorisation, spectra (the entropies) from a batched float64
+LLM-Check) come from a batched Cholesky factorisation (on CPU, for items of up to 40 rows, a native one
+that centres on the fly and runs right after the row Gram, threads across items), spectra (the entropies) from a batched float64
 ``eigvalsh``; padded rows of a bucket get a unit diagonal / a sentinel eigenvalue below the item's spectrum
 and are dropped.
 
@@ -60,6 +61,9 @@ from ._inputs import to_torch
 from ._threads import dense_step
 
 _CHUNK_BYTES = 64 << 20
+# Items up to this many rows take the native Cholesky (its unblocked loops match LAPACK's batched one up to
+# ~48 rows on Zen 4: 10 rows 3.1 ms vs 8 ms with the centring for 10,000 items; 512 rows 5x slower).
+_NATIVE_LOGDET_MAX = 40
 _U = 2.0 ** -53
 EIGENSCORE_CONVENTIONS = ("inside", "paper", "lm-polygraph")
 NORMALIZATIONS = ("raw", "maxEntropy", "logN", "logD")
@@ -215,7 +219,7 @@ def _buckets(lengths: torch.Tensor, d: int, copy_itemsize: int):
 def _native():
     from .backends import cpu  # noqa: PLC0415
     mod = cpu.load()
-    if mod is None or not hasattr(mod, "row_gram_batch") or not hasattr(cpu, "row_gram_batch"):
+    if mod is None or not all(hasattr(mod, f) and hasattr(cpu, f) for f in ("row_gram_batch", "spd_logdet_batch")):
         return None
     return cpu
 
@@ -270,8 +274,32 @@ def _raise_nonfinite(items: _Items, idx: torch.Tensor, lens: torch.Tensor):
                      "beyond ~1e154); rescale the hidden states")
 
 
-def _each_chunk(x: Any, lengths: Any, name: str, center: Optional[str], fn):
-    """Runs ``fn(G, valid, lens, raw_diag, idx, d)`` -> (b,) float64 over every chunk; returns (B,) in item order."""
+def _native_logdet(xc: torch.Tensor, lens: torch.Tensor, items: _Items, idx: torch.Tensor, ridge: float):
+    """Mean ln λ(G_c + ridge·I) per item of a CPU chunk, G_c = the rows' Gram centred over the features: the
+    native row Gram, then the native batched Cholesky on G − r rᵀ/d (no centred copy, no Python per item).
+    Items whose matrix is not numerically SPD (ridge below the Gram's rounding) take ``_logdet_mean``."""
+    cpu = _native()
+    b, nb, d = xc.shape
+    g = torch.zeros(b, nb, nb, dtype=torch.float64)
+    rs = torch.zeros(b, nb, dtype=torch.float64)
+    cpu.row_gram_batch(xc, g, lengths=lens, row_sum=rs)
+    val, info = cpu.spd_logdet_batch(g, lengths=lens, row_sum=rs, scale=1.0 / d, ridge=ridge)
+    if bool((info == 2).any()):
+        _raise_nonfinite(items, idx, lens)
+    bad = (info == 1).nonzero().flatten()
+    if bad.numel():
+        gb, rb = g[bad], rs[bad]
+        gb.baddbmm_(rb[:, :, None], rb[:, None, :], alpha=-1.0 / d)
+        valid = torch.arange(nb)[None, :] < lens[bad][:, None]
+        val[bad] = _logdet_mean(gb, ridge, valid, lens[bad])
+    return val
+
+
+def _each_chunk(x: Any, lengths: Any, name: str, center: Optional[str], fn, logdet=None):
+    """Runs ``fn(G, valid, lens, raw_diag, idx, d)`` -> (b,) float64 over every chunk; returns (B,) in item order.
+    ``logdet = (ridge(d), post(v, d))`` (with ``center="features"``): on CPU with the native kernels each chunk
+    of at most _NATIVE_LOGDET_MAX rows is ``post(_native_logdet(..., ridge(d)), d)`` instead, the same quantity
+    as ``fn`` computes."""
     items = _Items(x, lengths, name)
     out = torch.empty(items.B, dtype=torch.float64)
     copy_isz = torch.empty((), dtype=items.dtype).element_size()
@@ -279,9 +307,13 @@ def _each_chunk(x: Any, lengths: Any, name: str, center: Optional[str], fn):
         copy_isz += 8  # the float64 copy of the chunk
     elif items.padded is not None and bool((items.lengths == items.padded.shape[1]).all()):
         copy_isz = 0  # every chunk is a view of consecutive items (no copy): only the Grams bound a chunk
+    native_logdet = logdet is not None and center == "features" and items.device.type == "cpu" and _native() is not None
     for idx, nb in _buckets(items.lengths, items.d, copy_isz):
         lens = items.lengths[idx]
         xc = items.gather(idx, nb)
+        if native_logdet and nb <= _NATIVE_LOGDET_MAX:
+            out[idx] = logdet[1](_native_logdet(xc, lens, items, idx, logdet[0](items.d)), items.d)
+            continue
         g, valid, raw = _grams(xc, lens, center, items, idx)
         del xc
         out[idx] = fn(g, valid, lens.to(g.device), raw, idx, items.d).double().cpu()
@@ -332,17 +364,25 @@ def eigenscore(x: Any, *, alpha: float = 1e-3, convention: str = "inside", lengt
     if convention not in EIGENSCORE_CONVENTIONS:
         raise ValueError(f"convention must be one of {EIGENSCORE_CONVENTIONS}, got {convention!r}")
 
-    def fn(g, valid, lens, raw, idx, d):
+    def post(v, d):
         if convention == "lm-polygraph":
-            return _logdet_mean(g, a, valid, lens)
+            return v
+        v = v - math.log(d - 1)
+        return v / math.log(10.0) if convention == "inside" else v
+
+    def ridge(d):
+        if convention == "lm-polygraph":
+            return a
         if d < 2:
             raise ValueError(f"eigenscore needs d >= 2 features to form a covariance, got d = {d} "
                              "(convention='lm-polygraph' has no 1/(d - 1))")
         # ln det(G/(d−1) + αI)/L = ln det(G + α(d−1)I)/L − ln(d−1): no scaled copy of the Grams
-        v = _logdet_mean(g, a * (d - 1), valid, lens) - math.log(d - 1)
-        return v / math.log(10.0) if convention == "inside" else v
+        return a * (d - 1)
 
-    items, out = _each_chunk(x, lengths, "x", "features", fn)
+    def fn(g, valid, lens, raw, idx, d):
+        return post(_logdet_mean(g, ridge(d), valid, lens), d)
+
+    items, out = _each_chunk(x, lengths, "x", "features", fn, logdet=(ridge, post))
     return items.out(out)
 
 
@@ -354,7 +394,7 @@ def llm_check_hidden_score(x: Any, *, alpha: float = 1e-3, lengths: Any = None):
     def fn(g, valid, lens, raw, idx, d):
         return _logdet_mean(g, a, valid, lens)
 
-    items, out = _each_chunk(x, lengths, "x", "features", fn)
+    items, out = _each_chunk(x, lengths, "x", "features", fn, logdet=(lambda d: a, lambda v, d: v))
     return items.out(out)
 
 

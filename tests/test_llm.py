@@ -263,6 +263,39 @@ def test_fallback_engine_matches_native(rng, monkeypatch):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-13)
 
 
+def test_native_logdet_matches_the_torch_route(rng, monkeypatch):
+    """Items of up to _NATIVE_LOGDET_MAX rows take the native Cholesky on G − r rᵀ/d; it must agree with the
+    torch route (centred Gram, batched Cholesky / eigvalsh), including an item whose matrix is not numerically
+    SPD (a rank-1 item with a ridge below the Gram's rounding), which falls back to eigvalsh per item."""
+    x = _hidden(rng, 6, 12, 40)
+    x[4] = x[4, :1].expand(12, 40)  # rank 1 after centring: eigenvalues 0 (×11) up to rounding
+    lens = [12, 5, 1, 12, 12, 7]
+    calls = []
+    real = llm._logdet_mean
+    monkeypatch.setattr(llm, "_logdet_mean", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    cases = [(rf.eigenscore, {"alpha": 1e-3}), (rf.eigenscore, {"alpha": 1e-300, "convention": "lm-polygraph"}),
+             (rf.llm_check_hidden_score, {"alpha": 1e-3}), (rf.llm_check_hidden_score, {"alpha": 1e-300})]
+    fast = [fn(x, lengths=lens, **kw) for fn, kw in cases]
+    assert calls and max(calls) <= 1, calls  # the native route ran; only the non-SPD item fell back
+    calls.clear()
+    monkeypatch.setattr(llm, "_NATIVE_LOGDET_MAX", 0)
+    slow = [fn(x, lengths=lens, **kw) for fn, kw in cases]
+    assert calls, "the torch route did not run"
+    # the two factorisations differ by rounding: ln(λ + ridge) is uncertain by ~ L·u·λ_max/(λ_min + ridge),
+    # large only for item 4's rounding-level zeros
+    xc = x - x.mean(-1, keepdim=True)
+    lam = [np.linalg.eigvalsh((xc[i, :n] @ xc[i, :n].T).numpy()) for i, n in enumerate(lens)]
+    tr = torch.tensor([v[-1] for v in lam], dtype=torch.float64)
+    lmin = torch.tensor([max(v[0], 0.0) for v in lam], dtype=torch.float64)
+    for (fn, kw), a, b in zip(cases, fast, slow):
+        assert torch.equal(a.isnan(), b.isnan()), (fn.__name__, kw, a, b)
+        ridge = kw["alpha"] * (39 if fn is rf.eigenscore and "convention" not in kw else 1)
+        tol = 1e-12 + 4 * 12 * 2.0**-53 * tr / (lmin + ridge)
+        assert bool(((a - b).abs().nan_to_num(0) <= tol).all()), (fn.__name__, kw, a - b, tol)
+    np.testing.assert_allclose(fast[0].numpy(), [np_eigenscore(x[i, :n].numpy()) for i, n in enumerate(lens)],
+                               rtol=RTOL, atol=1e-12)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the batched float64 matmul on CUDA is not run")
 def test_cuda_matches_cpu(rng):
     x = _hidden(rng, 6, 20, 64, dtype=torch.bfloat16)

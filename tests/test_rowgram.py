@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -360,3 +361,40 @@ def test_native_status_codes(native):
     assert bool((gram == SENTINEL).all())
     native.row_gram_batch(lengths=0, **common)
     assert not bool((gram == SENTINEL).all())
+
+
+@needs_native
+def test_spd_logdet_batch_against_numpy():
+    """ln det(G − scale·r rᵀ + ridge·I)/L per item against NumPy's float64 slogdet; info codes for a
+    non-finite diagonal / row sum (2) and a matrix that is not positive definite (1); lengths, threads."""
+    g = torch.Generator().manual_seed(3)
+    B, n, d = 7, 9, 30
+    x = torch.randn(B, n, d, generator=g, dtype=torch.float64) + 0.5
+    gram = (x @ x.transpose(1, 2)).contiguous()
+    rsum = x.sum(-1).contiguous()
+    lengths = torch.tensor([9, 1, 4, 9, 9, 9, 0])
+    gram[3, 2, 2] = float("nan")
+    rsum[4, 1] = float("inf")
+    gram[5] = -gram[5]  # negative definite
+    out, info = cpu.spd_logdet_batch(gram, lengths=lengths, row_sum=rsum, scale=1.0 / d, ridge=0.25, num_threads=2)
+    assert info.tolist() == [0, 0, 0, 2, 2, 1, 0]
+    assert out[[3, 4, 5]].isnan().all() and float(out[6]) == 0.0
+    for b in (0, 1, 2):
+        L = int(lengths[b])
+        m = gram[b, :L, :L].numpy() - np.outer(rsum[b, :L], rsum[b, :L]) / d + 0.25 * np.eye(L)
+        sign, ld = np.linalg.slogdet(m)
+        assert sign == 1 and abs(float(out[b]) - ld / L) <= 1e-12 * max(1.0, abs(ld / L)), b
+    for nt in (1, 3):
+        o2, i2 = cpu.spd_logdet_batch(gram, lengths=lengths, row_sum=rsum, scale=1.0 / d, ridge=0.25, num_threads=nt)
+        assert torch.equal(i2, info) and torch.equal(o2.nan_to_num(7.0), out.nan_to_num(7.0))
+    # no row sum, no lengths
+    o3, i3 = cpu.spd_logdet_batch(gram[:3], ridge=0.0)
+    for b in range(3):
+        sign, ld = np.linalg.slogdet(gram[b].numpy())
+        assert int(i3[b]) == 0 and abs(float(o3[b]) - ld / n) <= 1e-12 * max(1.0, abs(ld / n))
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        cpu.spd_logdet_batch(gram, lengths=torch.full((B,), n + 1))
+    with pytest.raises(ValueError, match="ridge must be a finite number"):
+        cpu.spd_logdet_batch(gram, ridge=float("nan"))
+    with pytest.raises(ValueError, match="gram must be a"):
+        cpu.spd_logdet_batch(gram[:, :3])

@@ -19,6 +19,8 @@
 //    added into the item's gram block at the end.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -262,6 +264,90 @@ Status row_gram_batch(const RowGramArgs& a) {
     return kOutOfMemory;
   }
   return kOk;
+}
+
+Status spd_logdet_batch(const SpdLogdetArgs& a) {
+  if (a.batch < 0 || a.n_max < 0) return kInvalidArgument;
+  if (a.batch == 0) return kOk;
+  if (!a.out || !a.info) return kInvalidArgument;
+  if (a.n_max > 0 && (!a.gram || a.ldg < a.n_max)) return kInvalidArgument;
+  if (a.lengths)
+    for (int64_t b = 0; b < a.batch; ++b)
+      if (a.lengths[b] < 0 || a.lengths[b] > a.n_max) return kInvalidArgument;
+  const int64_t n = a.n_max;
+  // items in blocks of 64 from an atomic counter (a block is a few microseconds of work)
+  constexpr int64_t kBlock = 64;
+  const int64_t nblocks = (a.batch + kBlock - 1) / kBlock;
+  int nt = std::min(std::max(1, a.num_threads), kMaxThreads);
+  nt = static_cast<int>(std::min<int64_t>(nt, nblocks));
+  std::atomic<int64_t> next{0};
+  std::vector<Buf> scratch;
+  bool oom = false;
+  try {
+    auto prepare = [&](int m) {
+      scratch.resize(static_cast<size_t>(m));
+      for (Buf& sc : scratch)
+        if (!sc.alloc(size_t(n) * size_t(n) + 1)) oom = true;
+    };
+    auto work = [&](int t, int) {
+      if (oom) return;
+      double* m = scratch[static_cast<size_t>(t)].p;
+      const double nan = std::numeric_limits<double>::quiet_NaN();
+      for (int64_t q = next.fetch_add(1, std::memory_order_relaxed); q < nblocks;
+           q = next.fetch_add(1, std::memory_order_relaxed)) {
+        for (int64_t b = q * kBlock; b < std::min(a.batch, (q + 1) * kBlock); ++b) {
+          const int64_t L = a.lengths ? a.lengths[b] : n;
+          const double* g = a.gram + b * a.gram_stride_b;
+          const double* r = a.row_sum ? a.row_sum + b * a.row_sum_stride_b : nullptr;
+          bool finite = true;
+          for (int64_t i = 0; i < L; ++i) {
+            finite = finite && std::isfinite(g[i * a.ldg + i]);
+            if (r) finite = finite && std::isfinite(r[i]);
+          }
+          if (!finite) {
+            a.out[b] = nan;
+            a.info[b] = 2;
+            continue;
+          }
+          // lower triangle of M, row-major L x L
+          for (int64_t i = 0; i < L; ++i) {
+            for (int64_t j = 0; j <= i; ++j) {
+              double v = g[i * a.ldg + j];
+              if (r) v -= a.scale * r[i] * r[j];
+              m[i * L + j] = v;
+            }
+            m[i * L + i] += a.ridge;
+          }
+          // Cholesky, row by row (left-looking): C_ij = (M_ij - sum_k<j C_ik C_jk) / C_jj
+          double logsum = 0.0;
+          bool spd = true;
+          for (int64_t i = 0; i < L && spd; ++i) {
+            double* ci = m + i * L;
+            for (int64_t j = 0; j < i; ++j) {
+              const double* cj = m + j * L;
+              double s = ci[j];
+              for (int64_t k = 0; k < j; ++k) s -= ci[k] * cj[k];
+              ci[j] = s / cj[j];
+            }
+            double s = ci[i];
+            for (int64_t k = 0; k < i; ++k) s -= ci[k] * ci[k];
+            if (!(s > 0.0)) {
+              spd = false;
+              break;
+            }
+            ci[i] = std::sqrt(s);
+            logsum += std::log(s);  // ln C_ii^2
+          }
+          a.out[b] = spd ? (L > 0 ? logsum / static_cast<double>(L) : 0.0) : nan;
+          a.info[b] = spd ? 0 : 1;
+        }
+      }
+    };
+    run_threads(nt, prepare, work);
+  } catch (const std::bad_alloc&) {
+    return kOutOfMemory;
+  }
+  return oom ? kOutOfMemory : kOk;
 }
 
 }  // namespace rankme

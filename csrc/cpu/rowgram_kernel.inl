@@ -137,8 +137,9 @@ RANKME_RG_INLINE p8d group16h(const BFloat16* src, int64_t c, int64_t sc, double
 // into registers — no buffer of doubles: the item's rows are read as stored (L1-resident when the driver
 // sizes the slice), every row group is upcast once per tile that holds the row (RT x RT tiles: 20 upcasts
 // per 55 FMAs at L = 10), and row sums run in the diagonal tiles (each row is in exactly one). Lane l of a
-// pair's vector holds the sum over the features f ≡ l (mod 8) of the slice in increasing order, so the bits
-// depend on neither the layout (contiguous or strided) nor the thread.
+// pair's vector holds the sum over the features f ≡ l (mod 8) in increasing order (bfloat16 on AVX-512: the
+// features of lane l in its blocks of 16, see kB16), so the bits depend on neither the layout (contiguous or
+// strided), the slice width nor the thread.
 
 // Rows of a tile: 5 x 5 = 25 accumulators + 5 + 1 operands fit in the 32 zmm registers; with 16 ymm
 // registers an 8-lane vector is two, so 2 x 2 tiles (8 + 4 + 2).

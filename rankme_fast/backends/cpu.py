@@ -6,6 +6,8 @@ The extension is imported on first use only; a failed import is cached and repor
 """
 from __future__ import annotations
 
+import math
+
 import os
 from typing import Optional
 
@@ -327,3 +329,58 @@ def row_gram_batch(
         len_ptr, rsh_ptr, rsh_st[0], rsh_st[1], csh_ptr, csh_st[0], csh_st[1],
         g_ptr, g_st[0], g_st[1], rs_ptr, rs_st[0], nt, _block, _kernel,
     )
+
+
+def spd_logdet_batch(
+    gram: torch.Tensor,
+    *,
+    lengths: Optional[torch.Tensor] = None,
+    row_sum: Optional[torch.Tensor] = None,
+    scale: float = 0.0,
+    ridge: float = 0.0,
+    num_threads: Optional[int] = None,
+) -> tuple:
+    """Per item ``b`` with ``L = lengths[b]``: ``ln det(M) / L`` of ``M = gram[b, :L, :L] − scale·r rᵀ + ridge·I``
+    (``r = row_sum[b, :L]``, the term absent without ``row_sum``) by a float64 Cholesky factorisation — the
+    EigenScore / LLM-Check epilogue of :func:`row_gram_batch` (``scale = 1/d`` centres each row over its d
+    features). Returns ``(out, info)``: float64 (B,) and int64 (B,), info 0 = done, 1 = M not numerically
+    positive definite (out NaN), 2 = a non-finite diagonal entry of the Gram or entry of r (out NaN).
+
+    Args:
+        gram: contiguous float64 CPU tensor (B, n_max, n_max), read only.
+        lengths: optional int64 CPU tensor (B,) in [0, n_max] (None: all n_max).
+        row_sum: optional contiguous float64 CPU tensor (B, n_max).
+        scale, ridge: finite floats.
+        num_threads: threads (None: the default, see ``threads()``).
+    """
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"native CPU backend unavailable: {_error}")
+    nt = threads(num_threads)
+    if not isinstance(gram, torch.Tensor):
+        raise TypeError(f"gram must be a torch.Tensor, got {type(gram).__name__}")
+    if gram.ndim != 3 or gram.shape[1] != gram.shape[2]:
+        raise ValueError(f"gram must be a (B, n, n) tensor, got shape {tuple(gram.shape)}")
+    B, n, _ = gram.shape
+    g_ptr, g_st = _batch_buffer(gram, (B, n, n), "gram", writable=True)  # contiguous
+    rs_ptr, rs_st = _batch_buffer(row_sum, (B, n), "row_sum", writable=True)
+    for what, v in (("scale", scale), ("ridge", ridge)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ValueError(f"{what} must be a finite number, got {v!r}")
+    len_ptr = 0
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int64 or lengths.device.type != "cpu":
+            raise TypeError("lengths must be an int64 CPU torch.Tensor or None")
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+        lengths = lengths.contiguous()
+        if B > 0 and (int(lengths.min()) < 0 or int(lengths.max()) > n):
+            raise ValueError(f"lengths must lie in [0, n_max={n}]")
+        len_ptr = lengths.data_ptr()
+    out = torch.empty(B, dtype=torch.float64)
+    info = torch.empty(B, dtype=torch.int64)
+    if B == 0:
+        return out, info
+    mod.spd_logdet_batch(g_ptr, B, n, g_st[0], g_st[1], len_ptr, rs_ptr, rs_st[0], float(scale), float(ridge),
+                         out.data_ptr(), info.data_ptr(), nt)
+    return out, info

@@ -61,4 +61,32 @@ struct RowGramArgs {
 
 Status row_gram_batch(const RowGramArgs& args);
 
+// Mean log-eigenvalue of a batch of small SPD matrices built from row Grams, by Cholesky (the EigenScore /
+// LLM-Check epilogue of row_gram_batch). For item b with L = lengths[b] (n_max when lengths is null):
+//   M = gram[b][:L, :L] - scale * r r^T + ridge * I,  r = row_sum[b][:L] (the term is absent when row_sum is null)
+//   out[b] = ln det(M) / L = (2 / L) * sum_j ln C_jj,  M = C C^T,  info[b] = 0;
+// info[b] = 2 and out[b] = NaN when a diagonal entry of the Gram or an entry of r is not finite (checked first);
+// info[b] = 1 and out[b] = NaN when M is not numerically positive definite (a pivot <= 0 or NaN); L = 0 gives
+// out[b] = 0. gram is read only. Items are split over num_threads threads; each item's arithmetic is fixed, so
+// the bits do not depend on the thread count.
+// Status: kInvalidArgument for null / negative sizes, ldg < n_max, lengths outside [0, n_max];
+// kOutOfMemory when the per-thread scratch cannot be allocated (nothing is written then).
+struct SpdLogdetArgs {
+  const double* gram = nullptr;
+  int64_t batch = 0;
+  int64_t n_max = 0;
+  int64_t gram_stride_b = 0;
+  int64_t ldg = 0;
+  const int64_t* lengths = nullptr;
+  const double* row_sum = nullptr;
+  int64_t row_sum_stride_b = 0;
+  double scale = 0.0;
+  double ridge = 0.0;
+  double* out = nullptr;
+  int64_t* info = nullptr;
+  int num_threads = 1;
+};
+
+Status spd_logdet_batch(const SpdLogdetArgs& args);
+
 }  // namespace rankme
