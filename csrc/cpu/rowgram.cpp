@@ -179,6 +179,10 @@ Status row_gram_batch(const RowGramArgs& a) {
           pf.rows = -items[static_cast<size_t>(qn)].first;
           pf.row_bytes = a.dim * static_cast<int64_t>(esz);
           pf.stride_bytes = a.stride_r * static_cast<int64_t>(esz);
+          if (pf.stride_bytes == pf.row_bytes || pf.rows == 1) {  // one contiguous run
+            pf.cur = pf.base;
+            pf.end = pf.base + pf.rows * pf.row_bytes;
+          }
         }
         const int64_t L = -items[static_cast<size_t>(q)].first;
         const int64_t b = items[static_cast<size_t>(q)].second;
@@ -219,7 +223,11 @@ Status row_gram_batch(const RowGramArgs& a) {
           const int64_t rt = k.vl_doubles >= 8 ? 5 : 3, nb = (L + rt - 1) / rt;
           const int64_t steps = std::max<int64_t>(1, (a.dim + 7) / 8 * (nb * (nb + 1) / 2));
           pf.per_iter = (pf.lines() + steps - 1) / steps;
-          for (int64_t f0 = 0; f0 < a.dim; f0 += w) k.fused(it, f0, std::min(w, a.dim - f0), vacc, rsum, &pf);
+          const int64_t per_slice = pf.cur ? 0 : pf.lines() / std::max<int64_t>(1, (a.dim + w - 1) / w) + 1;
+          for (int64_t f0 = 0; f0 < a.dim; f0 += w) {
+            pf.step(per_slice);  // strided items: a burst per slice
+            k.fused(it, f0, std::min(w, a.dim - f0), vacc, rsum, &pf);
+          }
           pf.step(pf.lines());  // what the kernels' steps did not reach
           for (int64_t i = 0; i < L; ++i) {
             for (int64_t j = i; j < L; ++j) {

@@ -13,18 +13,25 @@ namespace rankme {
 // argument block (its gram / ldg / col_sum / threads fields are unused here).
 using RowItem = GramArgs;
 
-// Software prefetch of the next item's rows (into L2), spread over the current item's work: the kernels
-// call step(per_iter) once per group of 8 features a tile sweeps, the driver step(lines()) at the end of
-// the item for what is left. Rows of short items are too short a run for the hardware prefetchers to get
-// up to speed, and bursts of hundreds of lines between slices overflow the miss queues (measured, 10,000
-// items of 10 x 4096 bf16 on 1 thread: about 143 -> see rowgram.cpp).
+// Software prefetch of the next item's rows (into L2), spread over the current item's work. Rows of short
+// items are too short a run for the hardware prefetchers to get up to speed, and bursts of hundreds of lines
+// between slices overflow the miss queues (10,000 items of 10 x 4096 bf16, one thread on Zen 4: 143 ms with
+// a burst per slice, 123 ms spread). When the next item is one contiguous run (cur < end), the dot kernel's
+// fast loops prefetch per_iter lines of it per group of 8 features they sweep, keeping cur in a register;
+// the driver's step(n) covers the rest (and strided items) per slice.
 struct RowPrefetch {
   const char* base = nullptr;
   int64_t rows = 0, row_bytes = 0, stride_bytes = 0;
   int64_t row = 0, off = 0;
+  const char* cur = nullptr;  // the contiguous run's next line and its end (null: not contiguous)
+  const char* end = nullptr;
   int64_t per_iter = 0;  // lines per kernel step (0: the kernels do not prefetch)
   int64_t lines() const { return base ? rows * ((row_bytes + 63) / 64) : 0; }
-  inline void step(int64_t n) {
+  void step(int64_t n) {
+    if (cur) {
+      for (; n > 0 && cur < end; --n, cur += 64) __builtin_prefetch(cur, 0, 2);
+      return;
+    }
     for (; n > 0 && row < rows; --n) {
       __builtin_prefetch(base + row * stride_bytes + off, 0, 2);
       off += 64;
@@ -33,9 +40,6 @@ struct RowPrefetch {
   }
 };
 
-// Features [f0, f0 + w) of the item, upcast and shifted: vacc[(i*rows + j)*8 .. +8) += lane-wise partial dot
-// products of rows i <= j, rsum[i*8 .. +8) += lane-wise partial sums of row i (lane l: features f0 + l + 8k);
-// the lanes are summed by the driver once per item.
 using RowFusedFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* vacc, double* rsum, RowPrefetch* pf);
 // Features [f0, f0 + w) packed as the Gram kernel's panels (panel p, feature f, lane m =
 // V[8p + m, f0 + f]; lanes of rows >= rows are zero), row_sum[i] += sum of the row's w values.
