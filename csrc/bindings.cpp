@@ -89,7 +89,8 @@ static void row_gram_batch(uintptr_t x, int dtype, int64_t batch, int64_t n_max,
                            int64_t row_shift_stride_b, int64_t row_shift_stride_r, uintptr_t col_shift,
                            int64_t col_shift_stride_b, int64_t col_shift_stride_c, uintptr_t gram,
                            int64_t gram_stride_b, int64_t ldg, uintptr_t row_sum, int64_t row_sum_stride_b,
-                           int num_threads, int64_t block_cols, int kernel) {
+                           int num_threads, int64_t block_cols, int kernel, uintptr_t logdet_out,
+                           uintptr_t logdet_info, double logdet_scale, double logdet_ridge) {
   rankme::RowGramArgs a;
   a.x = reinterpret_cast<const void*>(x);
   a.dtype = static_cast<rankme::DType>(dtype);
@@ -114,6 +115,10 @@ static void row_gram_batch(uintptr_t x, int dtype, int64_t batch, int64_t n_max,
   a.num_threads = num_threads;
   a.block_cols = block_cols;
   a.kernel = kernel;
+  a.logdet_out = reinterpret_cast<double*>(logdet_out);
+  a.logdet_info = reinterpret_cast<int64_t*>(logdet_info);
+  a.logdet_scale = logdet_scale;
+  a.logdet_ridge = logdet_ridge;
   rankme::Status st;
   {
     py::gil_scoped_release nogil;
@@ -121,33 +126,6 @@ static void row_gram_batch(uintptr_t x, int dtype, int64_t batch, int64_t n_max,
   }
   if (st == rankme::kOutOfMemory) throw std::bad_alloc();
   if (st != rankme::kOk) throw std::invalid_argument(std::string("row_gram_batch: ") + rankme::status_string(st));
-}
-
-// Mean log-eigenvalue of ridge-shifted, optionally centred row Grams by Cholesky (see rankme/rowgram.h).
-static void spd_logdet_batch(uintptr_t gram, int64_t batch, int64_t n_max, int64_t gram_stride_b, int64_t ldg,
-                             uintptr_t lengths, uintptr_t row_sum, int64_t row_sum_stride_b, double scale, double ridge,
-                             uintptr_t out, uintptr_t info, int num_threads) {
-  rankme::SpdLogdetArgs a;
-  a.gram = reinterpret_cast<const double*>(gram);
-  a.batch = batch;
-  a.n_max = n_max;
-  a.gram_stride_b = gram_stride_b;
-  a.ldg = ldg;
-  a.lengths = reinterpret_cast<const int64_t*>(lengths);
-  a.row_sum = reinterpret_cast<const double*>(row_sum);
-  a.row_sum_stride_b = row_sum_stride_b;
-  a.scale = scale;
-  a.ridge = ridge;
-  a.out = reinterpret_cast<double*>(out);
-  a.info = reinterpret_cast<int64_t*>(info);
-  a.num_threads = num_threads;
-  rankme::Status st;
-  {
-    py::gil_scoped_release nogil;
-    st = rankme::spd_logdet_batch(a);
-  }
-  if (st == rankme::kOutOfMemory) throw std::bad_alloc();
-  if (st != rankme::kOk) throw std::invalid_argument(std::string("spd_logdet_batch: ") + rankme::status_string(st));
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -170,12 +148,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row_shift_stride_b"), py::arg("row_shift_stride_r"), py::arg("col_shift"),
         py::arg("col_shift_stride_b"), py::arg("col_shift_stride_c"), py::arg("gram"), py::arg("gram_stride_b"),
         py::arg("ldg"), py::arg("row_sum"), py::arg("row_sum_stride_b"), py::arg("num_threads"),
-        py::arg("block_cols") = 0, py::arg("kernel") = 0);
-  m.def("spd_logdet_batch", &spd_logdet_batch,
-        "ln det(G - scale r r^T + ridge I) / L per item by Cholesky (see csrc/include/rankme/rowgram.h)",
-        py::arg("gram"), py::arg("batch"), py::arg("n_max"), py::arg("gram_stride_b"), py::arg("ldg"),
-        py::arg("lengths"), py::arg("row_sum"), py::arg("row_sum_stride_b"), py::arg("scale"), py::arg("ridge"),
-        py::arg("out"), py::arg("info"), py::arg("num_threads"));
+        py::arg("block_cols") = 0, py::arg("kernel") = 0, py::arg("logdet_out") = 0, py::arg("logdet_info") = 0,
+        py::arg("logdet_scale") = 0.0, py::arg("logdet_ridge") = 0.0);
   m.def("gram_isa", &rankme::gram_isa, "instruction set the Gram kernel dispatches to on this CPU");
   m.def("isa_supported", [](const std::string& isa) { return rankme::isa_supported(isa.c_str()); },
         "whether this CPU and build can run the kernels of isa ('generic', 'avx2', 'avx512')");

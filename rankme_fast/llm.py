@@ -21,7 +21,7 @@ Centring is applied to the Gram in float64: over features, ``G − r rᵀ/d`` wi
 tokens, the rows are first shifted by the item's first token (removing large shared components, e.g.
 LLMs' massive activations, exactly) and the Gram is then double-centred. Log-determinants (EigenScore,
 LLM-Check) come from a batched Cholesky factorisation (on CPU, for items of up to 40 rows, a native one
-that centres on the fly and runs right after the row Gram, threads across items), spectra (the entropies) from a batched float64
+that centres on the fly, run by the row-Gram kernel's thread right after each item's Gram), spectra (the entropies) from a batched float64
 ``eigvalsh``; padded rows of a bucket get a unit diagonal / a sentinel eigenvalue below the item's spectrum
 and are dropped.
 
@@ -219,7 +219,7 @@ def _buckets(lengths: torch.Tensor, d: int, copy_itemsize: int):
 def _native():
     from .backends import cpu  # noqa: PLC0415
     mod = cpu.load()
-    if mod is None or not all(hasattr(mod, f) and hasattr(cpu, f) for f in ("row_gram_batch", "spd_logdet_batch")):
+    if mod is None or not hasattr(mod, "row_gram_batch") or not hasattr(cpu, "row_logdet_batch"):
         return None
     return cpu
 
@@ -276,22 +276,21 @@ def _raise_nonfinite(items: _Items, idx: torch.Tensor, lens: torch.Tensor):
 
 def _native_logdet(xc: torch.Tensor, lens: torch.Tensor, items: _Items, idx: torch.Tensor, ridge: float):
     """Mean ln λ(G_c + ridge·I) per item of a CPU chunk, G_c = the rows' Gram centred over the features: the
-    native row Gram, then the native batched Cholesky on G − r rᵀ/d (no centred copy, no Python per item).
+    native row-Gram kernel with its Cholesky epilogue on G − r rᵀ/d (no Gram tensor, no Python per item).
     Items whose matrix is not numerically SPD (ridge below the Gram's rounding) take ``_logdet_mean``."""
     cpu = _native()
     b, nb, d = xc.shape
-    g = torch.zeros(b, nb, nb, dtype=torch.float64)
-    rs = torch.zeros(b, nb, dtype=torch.float64)
-    cpu.row_gram_batch(xc, g, lengths=lens, row_sum=rs)
-    val, info = cpu.spd_logdet_batch(g, lengths=lens, row_sum=rs, scale=1.0 / d, ridge=ridge)
+    val, info = cpu.row_logdet_batch(xc, lengths=lens, scale=1.0 / d, ridge=ridge)
     if bool((info == 2).any()):
         _raise_nonfinite(items, idx, lens)
     bad = (info == 1).nonzero().flatten()
     if bad.numel():
-        gb, rb = g[bad], rs[bad]
-        gb.baddbmm_(rb[:, :, None], rb[:, None, :], alpha=-1.0 / d)
+        g = torch.zeros(bad.numel(), nb, nb, dtype=torch.float64)
+        rs = torch.zeros(bad.numel(), nb, dtype=torch.float64)
+        cpu.row_gram_batch(xc[bad], g, lengths=lens[bad], row_sum=rs)
+        g.baddbmm_(rs[:, :, None], rs[:, None, :], alpha=-1.0 / d)
         valid = torch.arange(nb)[None, :] < lens[bad][:, None]
-        val[bad] = _logdet_mean(gb, ridge, valid, lens[bad])
+        val[bad] = _logdet_mean(g, ridge, valid, lens[bad])
     return val
 
 

@@ -364,37 +364,48 @@ def test_native_status_codes(native):
 
 
 @needs_native
-def test_spd_logdet_batch_against_numpy():
-    """ln det(G − scale·r rᵀ + ridge·I)/L per item against NumPy's float64 slogdet; info codes for a
-    non-finite diagonal / row sum (2) and a matrix that is not positive definite (1); lengths, threads."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_row_logdet_batch_against_numpy(dtype):
+    """The Cholesky epilogue of the row Gram: ln det(V Vᵀ − scale·r rᵀ + ridge·I)/L per item against NumPy's
+    float64 slogdet of the upcast rows; info codes for a non-finite row (2) and a matrix that is not positive
+    definite (1); length-0 items; thread counts; both kernels (dot, panel); bad arguments."""
     g = torch.Generator().manual_seed(3)
-    B, n, d = 7, 9, 30
-    x = torch.randn(B, n, d, generator=g, dtype=torch.float64) + 0.5
-    gram = (x @ x.transpose(1, 2)).contiguous()
-    rsum = x.sum(-1).contiguous()
-    lengths = torch.tensor([9, 1, 4, 9, 9, 9, 0])
-    gram[3, 2, 2] = float("nan")
-    rsum[4, 1] = float("inf")
-    gram[5] = -gram[5]  # negative definite
-    out, info = cpu.spd_logdet_batch(gram, lengths=lengths, row_sum=rsum, scale=1.0 / d, ridge=0.25, num_threads=2)
-    assert info.tolist() == [0, 0, 0, 2, 2, 1, 0]
-    assert out[[3, 4, 5]].isnan().all() and float(out[6]) == 0.0
-    for b in (0, 1, 2):
-        L = int(lengths[b])
-        m = gram[b, :L, :L].numpy() - np.outer(rsum[b, :L], rsum[b, :L]) / d + 0.25 * np.eye(L)
-        sign, ld = np.linalg.slogdet(m)
-        assert sign == 1 and abs(float(out[b]) - ld / L) <= 1e-12 * max(1.0, abs(ld / L)), b
-    for nt in (1, 3):
-        o2, i2 = cpu.spd_logdet_batch(gram, lengths=lengths, row_sum=rsum, scale=1.0 / d, ridge=0.25, num_threads=nt)
-        assert torch.equal(i2, info) and torch.equal(o2.nan_to_num(7.0), out.nan_to_num(7.0))
-    # no row sum, no lengths
-    o3, i3 = cpu.spd_logdet_batch(gram[:3], ridge=0.0)
+    B, n, d = 8, 9, 30
+    x = (torch.randn(B, n, d, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    lengths = torch.tensor([9, 1, 4, 9, 9, 9, 0, 7])
+    x[3, 2, 5] = float("nan")
+    x[4, 8, 0] = float("inf")
+    x[5] = x[5, :1]  # rank 1 after centring: singular with ridge 0
+    for kernel in (1, 2):
+        outs = []
+        for nt in (1, 2, 3):
+            out, info = cpu.row_logdet_batch(x, lengths=lengths, scale=1.0 / d, ridge=0.25, num_threads=nt,
+                                             _kernel=kernel)
+            outs.append((out, info))
+        out, info = outs[0]
+        for o, i in outs[1:]:
+            assert torch.equal(i, info) and torch.equal(o.nan_to_num(7.0), out.nan_to_num(7.0))
+        assert info.tolist() == [0, 0, 0, 2, 2, 0, 0, 0]
+        assert out[[3, 4]].isnan().all() and float(out[6]) == 0.0
+        for b in (0, 1, 2, 5, 7):
+            L = int(lengths[b])
+            v = x[b, :L].double().numpy()
+            vc = v - v.mean(1, keepdims=True)
+            sign, ld = np.linalg.slogdet(vc @ vc.T + 0.25 * np.eye(L))
+            assert sign == 1 and abs(float(out[b]) - ld / L) <= 1e-12 * max(1.0, abs(ld / L)), (kernel, b)
+    # not positive definite: the rank-1 item with no ridge (its zero pivots come out <= 0 or at rounding
+    # level; a negative ridge makes it certain)
+    o, i = cpu.row_logdet_batch(x[5:6], scale=1.0 / d, ridge=-1e-3)
+    assert i.tolist() == [1] and bool(o.isnan().all())
+    # no centring: ln det(V Vᵀ + ridge I)/n
+    o3, i3 = cpu.row_logdet_batch(x[:3], ridge=0.5)
     for b in range(3):
-        sign, ld = np.linalg.slogdet(gram[b].numpy())
+        v = x[b].double().numpy()
+        sign, ld = np.linalg.slogdet(v @ v.T + 0.5 * np.eye(n))
         assert int(i3[b]) == 0 and abs(float(o3[b]) - ld / n) <= 1e-12 * max(1.0, abs(ld / n))
     with pytest.raises(ValueError, match="lengths must lie in"):
-        cpu.spd_logdet_batch(gram, lengths=torch.full((B,), n + 1))
+        cpu.row_logdet_batch(x, lengths=torch.full((B,), n + 1))
     with pytest.raises(ValueError, match="ridge must be a finite number"):
-        cpu.spd_logdet_batch(gram, ridge=float("nan"))
-    with pytest.raises(ValueError, match="gram must be a"):
-        cpu.spd_logdet_batch(gram[:, :3])
+        cpu.row_logdet_batch(x, ridge=float("nan"))
+    with pytest.raises(ValueError, match="at least one feature"):
+        cpu.row_logdet_batch(x[:, :, :0])

@@ -96,8 +96,59 @@ struct Buf {
 };
 
 struct Scratch {
-  Buf vacc, rsum, pack, g, rsh, csh, rs;
+  Buf vacc, rsum, pack, g, rsh, csh, rs, lg, chol;
 };
+
+// ln det(M) / L of M = G - scale r r^T + ridge I (G: L x L at stride ldg; r null: no term) by a Cholesky
+// factorisation into m (L x L scratch); info 0, or 2 (a non-finite G_ii or r_i) / 1 (not positive definite)
+// with NaN. The pivots' product is kept as a mantissa and a binary exponent, so there is one log per item.
+void logdet_item(const double* g, int64_t ldg, const double* r, int64_t L, double scale, double ridge, double* m,
+                 double* out, int64_t* info) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  bool finite = true;
+  for (int64_t i = 0; i < L; ++i) {
+    finite = finite && std::isfinite(g[i * ldg + i]);
+    if (r) finite = finite && std::isfinite(r[i]);
+  }
+  if (!finite) {
+    *out = nan;
+    *info = 2;
+    return;
+  }
+  for (int64_t i = 0; i < L; ++i) {  // lower triangle of M, row-major L x L
+    for (int64_t j = 0; j <= i; ++j) {
+      double v = g[i * ldg + j];
+      if (r) v -= scale * r[i] * r[j];
+      m[i * L + j] = v;
+    }
+    m[i * L + i] += ridge;
+  }
+  // row by row (left-looking): C_ij = (M_ij - sum_k<j C_ik C_jk) / C_jj, pivot s_i = C_ii^2
+  double mant = 1.0;
+  int64_t ex = 0;
+  for (int64_t i = 0; i < L; ++i) {
+    double* ci = m + i * L;
+    for (int64_t j = 0; j < i; ++j) {
+      const double* cj = m + j * L;
+      double s = ci[j];
+      for (int64_t k = 0; k < j; ++k) s -= ci[k] * cj[k];
+      ci[j] = s / cj[j];
+    }
+    double s = ci[i];
+    for (int64_t k = 0; k < i; ++k) s -= ci[k] * ci[k];
+    if (!(s > 0.0) || !std::isfinite(s)) {
+      *out = nan;
+      *info = 1;
+      return;
+    }
+    ci[i] = std::sqrt(s);
+    int e = 0;
+    mant = std::frexp(mant * s, &e);  // exact: a power-of-two rescale
+    ex += e;
+  }
+  *out = L > 0 ? (std::log(mant) + static_cast<double>(ex) * 0.69314718055994530942) / static_cast<double>(L) : 0.0;
+  *info = 0;
+}
 
 }  // namespace
 
@@ -105,10 +156,18 @@ Status row_gram_batch(const RowGramArgs& a) {
   if (a.batch < 0 || a.n_max < 0 || a.dim < 0) return kInvalidArgument;
   if (static_cast<int>(a.dtype) < 0 || static_cast<int>(a.dtype) > 3) return kUnsupportedDtype;
   if (a.kernel < 0 || a.kernel > 2 || a.block_cols < 0) return kInvalidArgument;
-  if (a.batch == 0 || a.n_max == 0) return kOk;
-  if (!a.gram || a.ldg < a.n_max) return kInvalidArgument;
+  const bool logdet = a.logdet_out != nullptr;
+  if (logdet && (!a.logdet_info || a.dim == 0)) return kInvalidArgument;
+  if (a.batch == 0) return kOk;
+  if (a.n_max == 0) {  // every item is empty
+    if (logdet)
+      for (int64_t b = 0; b < a.batch; ++b) a.logdet_out[b] = 0.0, a.logdet_info[b] = 0;
+    return kOk;
+  }
+  if (!a.gram && !logdet) return kInvalidArgument;
+  if (a.gram && a.ldg < a.n_max) return kInvalidArgument;
   const int64_t block_span = (a.n_max - 1) * a.ldg + a.n_max;  // elements one gram block reaches
-  if (a.batch > 1 && std::llabs(a.gram_stride_b) < block_span) return kInvalidArgument;
+  if (a.gram && a.batch > 1 && std::llabs(a.gram_stride_b) < block_span) return kInvalidArgument;
   if (a.row_sum && a.batch > 1 && std::llabs(a.row_sum_stride_b) < a.n_max) return kInvalidArgument;
   if (a.lengths)
     for (int64_t b = 0; b < a.batch; ++b)
@@ -127,7 +186,10 @@ Status row_gram_batch(const RowGramArgs& a) {
     int64_t max_dot = 0, max_panel = 0, max_len = 0;
     for (int64_t b = 0; b < a.batch; ++b) {
       const int64_t L = a.lengths ? a.lengths[b] : a.n_max;
-      if (L == 0) continue;
+      if (L == 0) {
+        if (logdet) a.logdet_out[b] = 0.0, a.logdet_info[b] = 0;
+        continue;
+      }
       items.emplace_back(-L, b);
       max_len = std::max(max_len, L);
       if (use_dot(L)) max_dot = std::max(max_dot, L);
@@ -155,7 +217,9 @@ Status row_gram_batch(const RowGramArgs& a) {
         if (max_panel) ok = ok && sc.pack.alloc(size_t(wpn) * size_t(lp)) && sc.g.alloc(size_t(lp) * size_t(lp));
         if (a.row_shift) ok = ok && sc.rsh.alloc(size_t(max_len));
         if (need_csh) ok = ok && sc.csh.alloc(size_t(a.dim));
-        if (a.row_sum) ok = ok && sc.rs.alloc(size_t(max_len));
+        if (a.row_sum || logdet) ok = ok && sc.rs.alloc(size_t(max_len));
+        if (logdet) ok = ok && sc.chol.alloc(size_t(max_len) * size_t(max_len));
+        if (logdet && !a.gram) ok = ok && sc.lg.alloc(size_t(max_len) * size_t(max_len));
         if (!ok) oom = true;
       }
     };
@@ -208,11 +272,14 @@ Status row_gram_batch(const RowGramArgs& a) {
           }
         }
         double* rs = nullptr;
-        if (a.row_sum) {
+        if (a.row_sum || logdet) {
           rs = sc.rs.p;
           std::fill(rs, rs + L, 0.0);
         }
-        double* gb = a.gram + b * a.gram_stride_b;
+        // the item's block: gram[b], or (logdet without gram) this thread's zeroed L x L scratch
+        const int64_t ldg = a.gram ? a.ldg : L;
+        double* gb = a.gram ? a.gram + b * a.gram_stride_b : sc.lg.p;
+        if (!a.gram) std::fill(gb, gb + L * L, 0.0);
         if (use_dot(L)) {
           const int64_t w = dot_block(L, static_cast<int64_t>(esz), a.block_cols);
           double* vacc = sc.vacc.p;
@@ -233,8 +300,8 @@ Status row_gram_batch(const RowGramArgs& a) {
             for (int64_t j = i; j < L; ++j) {
               const double* v = vacc + (i * L + j) * 8;
               const double s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-              gb[i * a.ldg + j] += s;
-              if (j != i) gb[j * a.ldg + i] += s;
+              gb[i * ldg + j] += s;
+              if (j != i) gb[j * ldg + i] += s;
             }
           }
           if (rs)
@@ -252,18 +319,23 @@ Status row_gram_batch(const RowGramArgs& a) {
             k.tiles(sc.pack.p, ww, np, 0, np, g, ldl);
           }
           for (int64_t i = 0; i < L; ++i) {
-            gb[i * a.ldg + i] += g[i * ldl + i];
+            gb[i * ldg + i] += g[i * ldl + i];
             for (int64_t j = i + 1; j < L; ++j) {
               const double s = g[i * ldl + j];
-              gb[i * a.ldg + j] += s;
-              gb[j * a.ldg + i] += s;
+              gb[i * ldg + j] += s;
+              gb[j * ldg + i] += s;
             }
           }
         }
-        if (rs) {
+        const double* rfin = rs;  // the item's final row sums (with row_sum's prior contents)
+        if (a.row_sum) {
           double* out = a.row_sum + b * a.row_sum_stride_b;
           for (int64_t i = 0; i < L; ++i) out[i] += rs[i];
+          rfin = out;
         }
+        if (logdet)
+          logdet_item(gb, ldg, a.logdet_scale != 0.0 ? rfin : nullptr, L, a.logdet_scale, a.logdet_ridge, sc.chol.p,
+                      a.logdet_out + b, a.logdet_info + b);
       }
     };
     run_threads(nt, prepare, work);
@@ -272,90 +344,6 @@ Status row_gram_batch(const RowGramArgs& a) {
     return kOutOfMemory;
   }
   return kOk;
-}
-
-Status spd_logdet_batch(const SpdLogdetArgs& a) {
-  if (a.batch < 0 || a.n_max < 0) return kInvalidArgument;
-  if (a.batch == 0) return kOk;
-  if (!a.out || !a.info) return kInvalidArgument;
-  if (a.n_max > 0 && (!a.gram || a.ldg < a.n_max)) return kInvalidArgument;
-  if (a.lengths)
-    for (int64_t b = 0; b < a.batch; ++b)
-      if (a.lengths[b] < 0 || a.lengths[b] > a.n_max) return kInvalidArgument;
-  const int64_t n = a.n_max;
-  // items in blocks of 64 from an atomic counter (a block is a few microseconds of work)
-  constexpr int64_t kBlock = 64;
-  const int64_t nblocks = (a.batch + kBlock - 1) / kBlock;
-  int nt = std::min(std::max(1, a.num_threads), kMaxThreads);
-  nt = static_cast<int>(std::min<int64_t>(nt, nblocks));
-  std::atomic<int64_t> next{0};
-  std::vector<Buf> scratch;
-  bool oom = false;
-  try {
-    auto prepare = [&](int m) {
-      scratch.resize(static_cast<size_t>(m));
-      for (Buf& sc : scratch)
-        if (!sc.alloc(size_t(n) * size_t(n) + 1)) oom = true;
-    };
-    auto work = [&](int t, int) {
-      if (oom) return;
-      double* m = scratch[static_cast<size_t>(t)].p;
-      const double nan = std::numeric_limits<double>::quiet_NaN();
-      for (int64_t q = next.fetch_add(1, std::memory_order_relaxed); q < nblocks;
-           q = next.fetch_add(1, std::memory_order_relaxed)) {
-        for (int64_t b = q * kBlock; b < std::min(a.batch, (q + 1) * kBlock); ++b) {
-          const int64_t L = a.lengths ? a.lengths[b] : n;
-          const double* g = a.gram + b * a.gram_stride_b;
-          const double* r = a.row_sum ? a.row_sum + b * a.row_sum_stride_b : nullptr;
-          bool finite = true;
-          for (int64_t i = 0; i < L; ++i) {
-            finite = finite && std::isfinite(g[i * a.ldg + i]);
-            if (r) finite = finite && std::isfinite(r[i]);
-          }
-          if (!finite) {
-            a.out[b] = nan;
-            a.info[b] = 2;
-            continue;
-          }
-          // lower triangle of M, row-major L x L
-          for (int64_t i = 0; i < L; ++i) {
-            for (int64_t j = 0; j <= i; ++j) {
-              double v = g[i * a.ldg + j];
-              if (r) v -= a.scale * r[i] * r[j];
-              m[i * L + j] = v;
-            }
-            m[i * L + i] += a.ridge;
-          }
-          // Cholesky, row by row (left-looking): C_ij = (M_ij - sum_k<j C_ik C_jk) / C_jj
-          double logsum = 0.0;
-          bool spd = true;
-          for (int64_t i = 0; i < L && spd; ++i) {
-            double* ci = m + i * L;
-            for (int64_t j = 0; j < i; ++j) {
-              const double* cj = m + j * L;
-              double s = ci[j];
-              for (int64_t k = 0; k < j; ++k) s -= ci[k] * cj[k];
-              ci[j] = s / cj[j];
-            }
-            double s = ci[i];
-            for (int64_t k = 0; k < i; ++k) s -= ci[k] * ci[k];
-            if (!(s > 0.0)) {
-              spd = false;
-              break;
-            }
-            ci[i] = std::sqrt(s);
-            logsum += std::log(s);  // ln C_ii^2
-          }
-          a.out[b] = spd ? (L > 0 ? logsum / static_cast<double>(L) : 0.0) : nan;
-          a.info[b] = spd ? 0 : 1;
-        }
-      }
-    };
-    run_threads(nt, prepare, work);
-  } catch (const std::bad_alloc&) {
-    return kOutOfMemory;
-  }
-  return oom ? kOutOfMemory : kOk;
 }
 
 }  // namespace rankme

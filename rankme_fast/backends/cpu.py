@@ -246,6 +246,40 @@ def _batch_buffer(t: Optional[torch.Tensor], shape, what: str, *, writable: bool
     return t.data_ptr(), t.stride()
 
 
+def _rowgram_inputs(x, lengths, num_threads):
+    """Checks of the batched row-Gram kernels' input: (module, threads, (B, n, d), lengths, lengths pointer)."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"native CPU backend unavailable: {_error}")
+    nt = threads(num_threads)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"x must be a 3-D (B, n_max, d) tensor, got shape {tuple(x.shape)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU tensor for the native backend, got one on {x.device}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"x: native CPU backend does not support dtype {x.dtype}")
+    B, n, d = x.shape
+    len_ptr = 0
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor):
+            raise TypeError(f"lengths must be an int64 torch.Tensor or None, got {type(lengths).__name__}")
+        if lengths.device.type != "cpu":
+            raise ValueError(f"lengths must be a CPU tensor, got one on {lengths.device}")
+        if lengths.dtype != torch.int64:
+            raise TypeError(f"lengths must be int64, got {lengths.dtype}")
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+        lengths = lengths.contiguous()
+        if B > 0:
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 0 or hi > n:
+                raise ValueError(f"lengths must lie in [0, n_max={n}], got values in [{lo}, {hi}]")
+        len_ptr = lengths.data_ptr()
+    return mod, nt, (B, n, d), lengths, len_ptr
+
+
 def row_gram_batch(
     x: torch.Tensor,
     gram: torch.Tensor,
@@ -282,41 +316,13 @@ def row_gram_batch(
         num_threads: kernel threads (None: the default, see ``threads()``).
         _kernel, _block: test/tuning hooks (0 = automatic; _kernel 1 = row-pair dot kernel, 2 = panel kernel).
     """
-    mod = load()
-    if mod is None:
-        raise RuntimeError(f"native CPU backend unavailable: {_error}")
-    nt = threads(num_threads)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 3:
-        raise ValueError(f"x must be a 3-D (B, n_max, d) tensor, got shape {tuple(x.shape)}")
-    if x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU tensor for the native backend, got one on {x.device}")
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(f"x: native CPU backend does not support dtype {x.dtype}")
-    B, n, d = x.shape
+    mod, nt, (B, n, d), lengths, len_ptr = _rowgram_inputs(x, lengths, num_threads)
     if not isinstance(gram, torch.Tensor):
         raise TypeError(f"gram must be a torch.Tensor, got {type(gram).__name__}")
     g_ptr, g_st = _batch_buffer(gram, (B, n, n), "gram", writable=True)
     rs_ptr, rs_st = _batch_buffer(row_sum, (B, n), "row_sum", writable=True)
     rsh_ptr, rsh_st = _batch_buffer(row_shift, (B, n), "row_shift", writable=False)
     csh_ptr, csh_st = _batch_buffer(col_shift, (B, d), "col_shift", writable=False)
-    len_ptr = 0
-    if lengths is not None:
-        if not isinstance(lengths, torch.Tensor):
-            raise TypeError(f"lengths must be an int64 torch.Tensor or None, got {type(lengths).__name__}")
-        if lengths.device.type != "cpu":
-            raise ValueError(f"lengths must be a CPU tensor, got one on {lengths.device}")
-        if lengths.dtype != torch.int64:
-            raise TypeError(f"lengths must be int64, got {lengths.dtype}")
-        if tuple(lengths.shape) != (B,):
-            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-        lengths = lengths.contiguous()
-        if B > 0:
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if lo < 0 or hi > n:
-                raise ValueError(f"lengths must lie in [0, n_max={n}], got values in [{lo}, {hi}]")
-        len_ptr = lengths.data_ptr()
     if isinstance(_kernel, bool) or _kernel not in (0, 1, 2):
         raise ValueError(f"_kernel must be 0, 1 or 2, got {_kernel!r}")
     if isinstance(_block, bool) or not isinstance(_block, int) or _block < 0:
@@ -331,56 +337,45 @@ def row_gram_batch(
     )
 
 
-def spd_logdet_batch(
-    gram: torch.Tensor,
+def row_logdet_batch(
+    x: torch.Tensor,
     *,
     lengths: Optional[torch.Tensor] = None,
-    row_sum: Optional[torch.Tensor] = None,
     scale: float = 0.0,
     ridge: float = 0.0,
     num_threads: Optional[int] = None,
+    _kernel: int = 0,
 ) -> tuple:
-    """Per item ``b`` with ``L = lengths[b]``: ``ln det(M) / L`` of ``M = gram[b, :L, :L] − scale·r rᵀ + ridge·I``
-    (``r = row_sum[b, :L]``, the term absent without ``row_sum``) by a float64 Cholesky factorisation — the
-    EigenScore / LLM-Check epilogue of :func:`row_gram_batch` (``scale = 1/d`` centres each row over its d
-    features). Returns ``(out, info)``: float64 (B,) and int64 (B,), info 0 = done, 1 = M not numerically
-    positive definite (out NaN), 2 = a non-finite diagonal entry of the Gram or entry of r (out NaN).
+    """The EigenScore / LLM-Check log-determinant fused into the row-Gram kernel: per item ``b`` with
+    ``L = lengths[b]``, V its rows upcast to float64, ``G = V Vᵀ`` and ``r = V·1`` (as :func:`row_gram_batch`
+    computes them), ``ln det(G − scale·r rᵀ + ridge·I) / L`` by a float64 Cholesky factorisation, run by the
+    item's thread right after its Gram (no Gram tensor is made; ``scale = 1/d`` centres each row over its d
+    features). Returns ``(out, info)``: float64 (B,) and int64 (B,) with info 0 = done, 1 = the matrix is not
+    numerically positive definite (out NaN), 2 = a non-finite diagonal entry of G or entry of r (out NaN);
+    an item of length 0 gives 0.
 
     Args:
-        gram: contiguous float64 CPU tensor (B, n_max, n_max), read only.
-        lengths: optional int64 CPU tensor (B,) in [0, n_max] (None: all n_max).
-        row_sum: optional contiguous float64 CPU tensor (B, n_max).
+        x: (B, n_max, d) float64/float32/float16/bfloat16 CPU tensor, any strides, d > 0.
+        lengths: optional int64 CPU tensor (B,) in [0, n_max] (rows past it are never read).
         scale, ridge: finite floats.
-        num_threads: threads (None: the default, see ``threads()``).
+        num_threads: kernel threads (None: the default, see ``threads()``).
+        _kernel: test hook as in :func:`row_gram_batch` (0 automatic, 1 dot, 2 panel kernel).
     """
-    mod = load()
-    if mod is None:
-        raise RuntimeError(f"native CPU backend unavailable: {_error}")
-    nt = threads(num_threads)
-    if not isinstance(gram, torch.Tensor):
-        raise TypeError(f"gram must be a torch.Tensor, got {type(gram).__name__}")
-    if gram.ndim != 3 or gram.shape[1] != gram.shape[2]:
-        raise ValueError(f"gram must be a (B, n, n) tensor, got shape {tuple(gram.shape)}")
-    B, n, _ = gram.shape
-    g_ptr, g_st = _batch_buffer(gram, (B, n, n), "gram", writable=True)  # contiguous
-    rs_ptr, rs_st = _batch_buffer(row_sum, (B, n), "row_sum", writable=True)
+    mod, nt, (B, n, d), lengths, len_ptr = _rowgram_inputs(x, lengths, num_threads)
+    if isinstance(_kernel, bool) or _kernel not in (0, 1, 2):
+        raise ValueError(f"_kernel must be 0, 1 or 2, got {_kernel!r}")
     for what, v in (("scale", scale), ("ridge", ridge)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
             raise ValueError(f"{what} must be a finite number, got {v!r}")
-    len_ptr = 0
-    if lengths is not None:
-        if not isinstance(lengths, torch.Tensor) or lengths.dtype != torch.int64 or lengths.device.type != "cpu":
-            raise TypeError("lengths must be an int64 CPU torch.Tensor or None")
-        if tuple(lengths.shape) != (B,):
-            raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-        lengths = lengths.contiguous()
-        if B > 0 and (int(lengths.min()) < 0 or int(lengths.max()) > n):
-            raise ValueError(f"lengths must lie in [0, n_max={n}]")
-        len_ptr = lengths.data_ptr()
+    if d == 0:
+        raise ValueError(f"x must have at least one feature (column), got shape {tuple(x.shape)}")
     out = torch.empty(B, dtype=torch.float64)
     info = torch.empty(B, dtype=torch.int64)
     if B == 0:
         return out, info
-    mod.spd_logdet_batch(g_ptr, B, n, g_st[0], g_st[1], len_ptr, rs_ptr, rs_st[0], float(scale), float(ridge),
-                         out.data_ptr(), info.data_ptr(), nt)
+    sb, sr, sc = x.stride()
+    mod.row_gram_batch(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], B, n, d, sb, sr, sc, len_ptr, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, nt, 0, _kernel, out.data_ptr(), info.data_ptr(), float(scale), float(ridge),
+    )
     return out, info

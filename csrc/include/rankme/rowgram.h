@@ -28,7 +28,8 @@ namespace rankme {
 // Gram's panel micro-kernel over blocks of features. Each gram entry is a sum of d products in some
 // fixed order.
 //
-// Status: kInvalidArgument for null / negative sizes, ldg < n_max, a gram_stride_b that would make the
+// Status: kInvalidArgument for null / negative sizes, a null gram without logdet_out, ldg < n_max (gram non-null),
+// a null logdet_info with logdet_out, a gram_stride_b that would make the
 // blocks overlap (|gram_stride_b| < n_max*ldg when batch > 1), lengths outside [0, n_max] (checked for
 // every item before anything is written); kUnsupportedDtype; kOutOfMemory when the per-thread scratch
 // cannot be allocated (nothing is written then).
@@ -57,36 +58,19 @@ struct RowGramArgs {
   // Tuning / test hooks: 0 = automatic. kernel: 1 forces the row-pair dot kernel, 2 the panel kernel.
   int64_t block_cols = 0;
   int kernel = 0;
+  // Optional epilogue (the EigenScore / LLM-Check log-determinant), run by the item's thread right after its
+  // Gram: with logdet_out non-null, for item b with its final L x L block G (gram[b] when gram is non-null,
+  // else this call's own V V^T, and gram may then be null) and row sums r (this call's):
+  //   M = G - logdet_scale * r r^T + logdet_ridge * I,  logdet_out[b] = ln det(M) / L  (Cholesky),
+  //   logdet_info[b] = 0; = 2 with logdet_out[b] = NaN when a diagonal entry of G or an entry of r is not
+  //   finite (checked first); = 1 with NaN when M is not numerically positive definite (a pivot <= 0 or NaN);
+  //   items with L = 0 get 0 and info 0.
+  double* logdet_out = nullptr;
+  int64_t* logdet_info = nullptr;
+  double logdet_scale = 0.0;
+  double logdet_ridge = 0.0;
 };
 
 Status row_gram_batch(const RowGramArgs& args);
-
-// Mean log-eigenvalue of a batch of small SPD matrices built from row Grams, by Cholesky (the EigenScore /
-// LLM-Check epilogue of row_gram_batch). For item b with L = lengths[b] (n_max when lengths is null):
-//   M = gram[b][:L, :L] - scale * r r^T + ridge * I,  r = row_sum[b][:L] (the term is absent when row_sum is null)
-//   out[b] = ln det(M) / L = (2 / L) * sum_j ln C_jj,  M = C C^T,  info[b] = 0;
-// info[b] = 2 and out[b] = NaN when a diagonal entry of the Gram or an entry of r is not finite (checked first);
-// info[b] = 1 and out[b] = NaN when M is not numerically positive definite (a pivot <= 0 or NaN); L = 0 gives
-// out[b] = 0. gram is read only. Items are split over num_threads threads; each item's arithmetic is fixed, so
-// the bits do not depend on the thread count.
-// Status: kInvalidArgument for null / negative sizes, ldg < n_max, lengths outside [0, n_max];
-// kOutOfMemory when the per-thread scratch cannot be allocated (nothing is written then).
-struct SpdLogdetArgs {
-  const double* gram = nullptr;
-  int64_t batch = 0;
-  int64_t n_max = 0;
-  int64_t gram_stride_b = 0;
-  int64_t ldg = 0;
-  const int64_t* lengths = nullptr;
-  const double* row_sum = nullptr;
-  int64_t row_sum_stride_b = 0;
-  double scale = 0.0;
-  double ridge = 0.0;
-  double* out = nullptr;
-  int64_t* info = nullptr;
-  int num_threads = 1;
-};
-
-Status spd_logdet_batch(const SpdLogdetArgs& args);
 
 }  // namespace rankme
