@@ -20,10 +20,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <new>
 #include <string>
 #include <utility>
@@ -101,7 +101,8 @@ struct Scratch {
 
 // ln det(M) / L of M = G - scale r r^T + ridge I (G: L x L at stride ldg; r null: no term) by a Cholesky
 // factorisation into m (L x L scratch); info 0, or 2 (a non-finite G_ii or r_i) / 1 (not positive definite)
-// with NaN. The pivots' product is kept as a mantissa and a binary exponent, so there is one log per item.
+// with NaN. The pivots' product is kept as a mantissa in [0.5, 1) and a binary exponent (each pivot split
+// the same way first, so nothing under- or overflows; one rounding per pivot), so there is one log per item.
 void logdet_item(const double* g, int64_t ldg, const double* r, int64_t L, double scale, double ridge, double* m,
                  double* out, int64_t* info) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -142,9 +143,10 @@ void logdet_item(const double* g, int64_t ldg, const double* r, int64_t L, doubl
       return;
     }
     ci[i] = std::sqrt(s);
-    int e = 0;
-    mant = std::frexp(mant * s, &e);  // exact: a power-of-two rescale
-    ex += e;
+    int es = 0, e = 0;
+    const double ms = std::frexp(s, &es);
+    mant = std::frexp(mant * ms, &e);  // mant * ms in [0.25, 1)
+    ex += es + e;
   }
   *out = L > 0 ? (std::log(mant) + static_cast<double>(ex) * 0.69314718055994530942) / static_cast<double>(L) : 0.0;
   *info = 0;
