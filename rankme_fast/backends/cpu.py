@@ -7,7 +7,6 @@ The extension is imported on first use only; a failed import is cached and repor
 from __future__ import annotations
 
 import math
-
 import os
 from typing import Optional
 
