@@ -403,9 +403,37 @@ def test_row_logdet_batch_against_numpy(dtype):
         v = x[b].double().numpy()
         sign, ld = np.linalg.slogdet(v @ v.T + 0.5 * np.eye(n))
         assert int(i3[b]) == 0 and abs(float(o3[b]) - ld / n) <= 1e-12 * max(1.0, abs(ld / n))
+    # collapsed spectra and odd shapes, centred: n > d (rank d - 1), rank 2 of 12 rows, fast-decaying rows,
+    # d = 1 (every centred row is zero: ln ridge)
+    cases = {
+        "n>d": torch.randn(1, 12, 5, generator=g, dtype=torch.float64),
+        "rank2": torch.randn(1, 12, 2, generator=g, dtype=torch.float64) @ torch.randn(1, 2, 64, generator=g,
+                                                                                        dtype=torch.float64),
+        "decay": torch.randn(1, 12, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -6, 12)[None, :, None],
+        "d=1": torch.randn(1, 7, 1, generator=g, dtype=torch.float64),
+    }
+    for name, v in cases.items():
+        v = v.to(dtype)
+        L, dd = v.shape[1], v.shape[2]
+        o, i = cpu.row_logdet_batch(v, scale=1.0 / dd, ridge=1e-3)
+        w = v[0].double().numpy()
+        wc = w - w.mean(1, keepdims=True)
+        m = wc @ wc.T + 1e-3 * np.eye(L)
+        sign, ld = np.linalg.slogdet(m)
+        lam = np.linalg.eigvalsh(m)
+        tol = 1e-12 + 4 * L * 2.0**-53 * lam[-1] / lam[0]  # ln λ of the ridge-level eigenvalues: conditioning
+        assert int(i[0]) == 0 and sign == 1 and abs(float(o[0]) - ld / L) <= tol, (name, float(o[0]), ld / L, tol)
+    o1, _ = cpu.row_logdet_batch(cases["d=1"].to(dtype), scale=1.0, ridge=1e-3)
+    assert float(o1[0]) == pytest.approx(np.log(1e-3), rel=1e-12)
     with pytest.raises(ValueError, match="lengths must lie in"):
         cpu.row_logdet_batch(x, lengths=torch.full((B,), n + 1))
     with pytest.raises(ValueError, match="ridge must be a finite number"):
         cpu.row_logdet_batch(x, ridge=float("nan"))
     with pytest.raises(ValueError, match="at least one feature"):
         cpu.row_logdet_batch(x[:, :, :0])
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        cpu.row_logdet_batch(x, scale=float("inf"))
+    with pytest.raises(ValueError, match="_kernel must be 0, 1 or 2"):
+        cpu.row_logdet_batch(x, _kernel=3)
+    with pytest.raises(ValueError, match=r"x must be a 3-D \(B, n_max, d\) tensor"):
+        cpu.row_logdet_batch(x[0])
