@@ -225,6 +225,18 @@ def test_gram_update_dynamic_schedule_is_deterministic(rows, cols, chunk_rows, t
 
 
 @needs_native
+@pytest.mark.parametrize("threads", (1, 2), ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("rows, chunk_rows", [(1300, 0), (700, 300)], ids=lambda v: str(v))
+def test_gram_update_k_and_j_blocks(rows, chunk_rows, threads):
+    """Chunks of 512 / 512 / 276 (or 300 / 300 / 100) rows, so k-blocks of 128 rows with a short last one, and
+    800 columns = 100 panels, so several j-blocks of a multiple of 3 panels with a remainder (the AVX2 sweep,
+    run under RANKME_FAST_ISA=avx2 by tests/test_isa.py; the other ISAs take the same shapes): within the float64
+    bound of the oracle."""
+    x = _data(rows, 800, torch.float32, seed=9, offset=0.5)
+    _check_update(x, num_threads=threads, chunk_rows=chunk_rows, what=f"k/j blocks {rows} rows t={threads}")
+
+
+@needs_native
 def test_gram_update_scratch_reuse_across_shapes():
     """The private schedule's G copies and packing buffers are cached between calls (zeroed copies are
     tagged with their layout): calls of other widths in between, whose copies and packing buffers reuse
