@@ -237,6 +237,33 @@ def test_gram_update_k_and_j_blocks(rows, chunk_rows, threads):
 
 
 @needs_native
+@pytest.mark.parametrize("cols", (16, 20, 200), ids=lambda c: f"cols{c}")
+def test_gram_update_reads_nothing_past_the_rows(tmp_path, cols):
+    """The rows' last bytes are the last bytes of a file mapping (the next page is not mapped), and
+    a copy of the same rows starts one byte past an aligned address: the touch pass before the pack and the
+    pack read only inside each row's columns (a read past them would fault), and both give the oracle's Gram."""
+    rows = 1024  # 4096·cols bytes: whole pages, so the mapping ends where the last row does
+    x_np = np.random.default_rng(cols).standard_normal((rows, cols)).astype(np.float32)
+    path = tmp_path / "x.bin"
+    x_np.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r+", shape=(rows, cols))
+    raw = bytearray(rows * cols * 4 + 1)
+    shifted = np.frombuffer(raw, dtype=np.float32, count=rows * cols, offset=1).reshape(rows, cols)
+    shifted[...] = x_np
+    x64 = torch.from_numpy(x_np).double()
+    ref = x64.T @ x64
+    bound = 4 * (rows + 2) * U64 * (x64.abs().T @ x64.abs())
+    up = torch.triu(torch.ones(cols, cols, dtype=torch.bool))
+    x_mapped = torch.from_numpy(np.asarray(mapped))
+    for what, x in (("mapped", x_mapped), ("misaligned", torch.from_numpy(shifted))):
+        for threads in (1, 2):
+            g = torch.zeros(cpu.padded(cols), cpu.padded(cols), dtype=torch.float64)
+            cpu.gram_update(x, g, num_threads=threads)
+            err = (g[:cols, :cols] - ref).abs()
+            assert bool((err <= bound)[up].all()), f"{what} t={threads}"
+
+
+@needs_native
 def test_gram_update_scratch_reuse_across_shapes():
     """The private schedule's G copies and packing buffers are cached between calls (zeroed copies are
     tagged with their layout): calls of other widths in between, whose copies and packing buffers reuse
