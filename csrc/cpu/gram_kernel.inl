@@ -86,7 +86,8 @@ static inline void micro43(const double* __restrict ip, const double* __restrict
 // here): 90 / 86 / 79 / 78 %. The accumulation order is fixed by kc alone (k-blocks of the chunk in order),
 // so the bits do not depend on the threads' j split.
 constexpr int64_t kAvx2KBlock = 128;
-[[maybe_unused]] static int64_t jblock_bytes() {
+// j-block bytes: 3/4 of L2 for the AVX2 sweep (see above), 1 MiB for the 8-row tiles.
+static int64_t jblock_bytes() {
 #if RANKME_VL == 4
   static const int64_t b = [] {
     int64_t l2 = 0;
@@ -141,7 +142,7 @@ void tiles(const double* pack, int64_t kc, int64_t np, int64_t jp0, int64_t jp1,
     return;
   }
   // j-blocks sized to stay in L2 while every i-panel (L1) sweeps them.
-  const int64_t jb = std::max<int64_t>(NJ, (int64_t(1) << 20) / (pstride * 8) / NJ * NJ);
+  const int64_t jb = std::max<int64_t>(NJ, jblock_bytes() / (pstride * 8) / NJ * NJ);
   for (int64_t b0 = jp0; b0 < jp1; b0 += jb) {
     const int64_t b1 = std::min(jp1, b0 + jb);
     for (int64_t ipn = 0; ipn < b1; ++ipn) {
@@ -222,10 +223,10 @@ static void touch_rows(const GramArgs& a, int64_t r0, int64_t kc, int64_t p0, in
   for (int64_t r = 0; r < kc; ++r) {
     const T* row = x + (r0 + r) * a.stride_r;
     // one byte of every cache line that the row's [c0, c1) touches
-    const uintptr_t first = reinterpret_cast<uintptr_t>(row + c0) & ~uintptr_t(63);
+    const char* lo = reinterpret_cast<const char*>(row + c0);
+    const uintptr_t first = reinterpret_cast<uintptr_t>(lo) & ~uintptr_t(63);
     for (uintptr_t ln = first; ln < reinterpret_cast<uintptr_t>(row + c1); ln += 64) {
       const char* e = reinterpret_cast<const char*>(ln);
-      const char* lo = reinterpret_cast<const char*>(row + c0);
       sink += static_cast<unsigned char>(*(e < lo ? lo : e));  // one byte inside [row + c0, row + c1)
     }
   }
