@@ -225,15 +225,22 @@ def test_gram_update_dynamic_schedule_is_deterministic(rows, cols, chunk_rows, t
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ("decay", "rank1", "rank2"))
 @pytest.mark.parametrize("threads", (1, 2), ids=lambda t: f"t{t}")
 @pytest.mark.parametrize("rows, chunk_rows", [(1300, 0), (700, 300)], ids=lambda v: str(v))
-def test_gram_update_k_and_j_blocks(rows, chunk_rows, threads):
+def test_gram_update_k_and_j_blocks(rows, chunk_rows, threads, kind):
     """Chunks of 512 / 512 / 276 (or 300 / 300 / 100) rows, so k-blocks of 128 rows with a short last one, and
     800 columns = 100 panels, so several j-blocks of a multiple of 3 panels with a remainder (the AVX2 sweep,
     run under RANKME_FAST_ISA=avx2 by tests/test_isa.py; the other ISAs take the same shapes): within the float64
-    bound of the oracle."""
-    x = _data(rows, 800, torch.float32, seed=9, offset=0.5)
-    _check_update(x, num_threads=threads, chunk_rows=chunk_rows, what=f"k/j blocks {rows} rows t={threads}")
+    bound of the oracle. Columns decaying over 3 decades (700 rows: N < d), or a rank-1 / rank-2 matrix (a
+    collapsed spectrum)."""
+    x = _data(rows, 800, torch.float64, seed=9, offset=0.5)
+    if kind != "decay":
+        g = torch.Generator().manual_seed(rows)
+        k = 1 if kind == "rank1" else 2
+        x = torch.randn(rows, k, generator=g, dtype=torch.float64) @ torch.randn(k, 800, generator=g, dtype=torch.float64)
+    x = x.to(torch.float32)
+    _check_update(x, num_threads=threads, chunk_rows=chunk_rows, what=f"k/j blocks {kind} {rows} rows t={threads}")
 
 
 @needs_native
