@@ -90,7 +90,7 @@ static void row_gram_batch(uintptr_t x, int dtype, int64_t batch, int64_t n_max,
                            int64_t col_shift_stride_b, int64_t col_shift_stride_c, uintptr_t gram,
                            int64_t gram_stride_b, int64_t ldg, uintptr_t row_sum, int64_t row_sum_stride_b,
                            int num_threads, int64_t block_cols, int kernel, uintptr_t logdet_out,
-                           uintptr_t logdet_info, double logdet_scale, double logdet_ridge) {
+                           uintptr_t logdet_info, double logdet_scale, double logdet_ridge, uintptr_t item_x) {
   rankme::RowGramArgs a;
   a.x = reinterpret_cast<const void*>(x);
   a.dtype = static_cast<rankme::DType>(dtype);
@@ -119,6 +119,7 @@ static void row_gram_batch(uintptr_t x, int dtype, int64_t batch, int64_t n_max,
   a.logdet_info = reinterpret_cast<int64_t*>(logdet_info);
   a.logdet_scale = logdet_scale;
   a.logdet_ridge = logdet_ridge;
+  a.item_x = reinterpret_cast<const void* const*>(item_x);
   rankme::Status st;
   {
     py::gil_scoped_release nogil;
@@ -149,7 +150,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("col_shift_stride_b"), py::arg("col_shift_stride_c"), py::arg("gram"), py::arg("gram_stride_b"),
         py::arg("ldg"), py::arg("row_sum"), py::arg("row_sum_stride_b"), py::arg("num_threads"),
         py::arg("block_cols") = 0, py::arg("kernel") = 0, py::arg("logdet_out") = 0, py::arg("logdet_info") = 0,
-        py::arg("logdet_scale") = 0.0, py::arg("logdet_ridge") = 0.0);
+        py::arg("logdet_scale") = 0.0, py::arg("logdet_ridge") = 0.0, py::arg("item_x") = 0);
   m.def("gram_isa", &rankme::gram_isa, "instruction set the Gram kernel dispatches to on this CPU");
   m.def("isa_supported", [](const std::string& isa) { return rankme::isa_supported(isa.c_str()); },
         "whether this CPU and build can run the kernels of isa ('generic', 'avx2', 'avx512')");

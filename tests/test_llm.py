@@ -166,8 +166,10 @@ def test_bf16_and_float32(rng, metric):
 
 
 def test_many_buckets_and_chunks(rng, monkeypatch):
-    """Lengths 1..60 (several buckets), chunks forced small: every item lands in its own place."""
+    """Lengths 1..60 (several buckets), chunks forced small, and EigenScore / LLM-Check items above 25 rows sent
+    to the buckets instead of the one native call: every item lands in its own place."""
     monkeypatch.setattr(llm, "_CHUNK_BYTES", 40_000)
+    monkeypatch.setattr(llm, "_NATIVE_LOGDET_MAX", 25)
     lens = list(range(1, 61))
     rng.shuffle(lens)
     items = [_hidden(rng, 1, n, 16)[0] for n in lens]
@@ -176,6 +178,29 @@ def test_many_buckets_and_chunks(rng, monkeypatch):
                                _refs(lambda t: np_eigenscore(t, convention="paper"), items), rtol=RTOL, atol=1e-12)
     keep = [t for t in items if t.shape[0] >= 2]
     np.testing.assert_allclose(rf.matrix_entropy(keep).numpy(), _refs(np_matrix_entropy, keep), rtol=RTOL, atol=1e-12)
+
+
+def test_long_ragged_items_in_one_native_call(rng, monkeypatch):
+    """EigenScore / LLM-Check items of up to _NATIVE_LOGDET_MAX rows go to the kernel in one call, read where
+    they lie: a ragged list with items across the blocked Cholesky's edges (64, 65, 97 … 300 rows, some with
+    n > d), one of them a transposed view and one float32 among bf16 (converted on the way), and the same
+    items padded with lengths (padding full of NaN), all against the float64 references; no torch Cholesky
+    runs."""
+    lens = [65, 3, 300, 97, 64, 150, 1, 129]
+    items = [_hidden(rng, 1, n, 120, dtype=torch.bfloat16)[0] for n in lens]
+    items[3] = items[3].t().contiguous().t()  # column-major rows
+    items[5] = items[5].float()
+    monkeypatch.setattr(llm, "_logdet_mean", lambda *a: pytest.fail("the torch route ran"))
+    got = rf.llm_check_hidden_score(items)
+    np.testing.assert_allclose(got.numpy(), _refs(np_llm_check, items), rtol=RTOL, atol=_atol("llm_check", items))
+    es = rf.eigenscore(items[:1] + items[2:6] + items[7:])
+    np.testing.assert_allclose(es.numpy(), _refs(np_eigenscore, items[:1] + items[2:6] + items[7:]), rtol=RTOL,
+                               atol=1e-12)
+    padded = torch.full((len(lens), max(lens), 120), float("nan"), dtype=torch.float32)
+    for b, t in enumerate(items):
+        padded[b, : t.shape[0]] = t.float()
+    got_p = rf.llm_check_hidden_score(padded, lengths=lens)
+    np.testing.assert_allclose(got_p.numpy(), got.numpy(), rtol=1e-13, atol=1e-13)
 
 
 def test_n_greater_than_d_and_d_one(rng):

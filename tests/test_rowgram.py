@@ -363,6 +363,88 @@ def test_native_status_codes(native):
     assert not bool((gram == SENTINEL).all())
 
 
+def _logdet_ref(v, scale, ridge):
+    """ln det(V Vᵀ − scale·r rᵀ + ridge·I)/L in float64 NumPy and its tolerance from the conditioning."""
+    v = np.asarray(v, np.float64)
+    m = v @ v.T - scale * np.outer(v.sum(1), v.sum(1)) + ridge * np.eye(len(v))
+    lam = np.linalg.eigvalsh(m)
+    sign, ld = np.linalg.slogdet(m)
+    assert sign == 1
+    return ld / len(v), 1e-12 + 4 * len(v) * 2.0**-53 * lam[-1] / lam[0]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_row_logdet_blocked_cholesky(dtype):
+    """Items of more than 64 rows take the blocked Cholesky (32-row blocks, the trailing update by the Gram's
+    tiles): lengths at and across the block edges, L < d and L > d (rank d − 1 after centring, so the ridge
+    carries the small eigenvalues), a rank-2 item, both kernels and 1 / 2 threads (same bits), against NumPy's
+    float64 slogdet; a pivot that fails in a later block (info 1, NaN) and a non-finite row (info 2)."""
+    g = torch.Generator().manual_seed(17)
+    lens = [64, 65, 96, 97, 130, 203, 512]
+    d = 300
+    x = torch.randn(len(lens), max(lens), d, generator=g, dtype=torch.float64)
+    x[:, :, :40] *= 6.0  # a few strong directions
+    x[2, :96] = torch.randn(96, 2, generator=g, dtype=torch.float64) @ torch.randn(2, d, generator=g, dtype=torch.float64)
+    x = x.to(dtype)
+    lengths = torch.tensor(lens)
+    for ridge in (0.3, 1e-3):
+        ref = [_logdet_ref(x[b, :L].double().numpy(), 1.0 / d, ridge) for b, L in enumerate(lens)]
+        outs = {}
+        for kernel in (1, 2):
+            for nt in (1, 2):
+                out, info = cpu.row_logdet_batch(x, lengths=lengths, scale=1.0 / d, ridge=ridge, num_threads=nt,
+                                                 _kernel=kernel)
+                assert info.tolist() == [0] * len(lens)
+                for b, (v, tol) in enumerate(ref):
+                    assert abs(float(out[b]) - v) <= tol * max(1.0, abs(v)), (kernel, nt, b, float(out[b]), v, tol)
+                outs[kernel, nt] = out
+            assert torch.equal(outs[kernel, 1], outs[kernel, 2])
+    # a row equal to an earlier one at row 80 (the third block): with a small negative ridge that pivot is < 0
+    y = torch.randn(1, 150, 200, generator=g, dtype=torch.float64)
+    y[0, 80] = y[0, 10]
+    o, i = cpu.row_logdet_batch(y.to(dtype), scale=0.0, ridge=-1e-6)
+    assert i.tolist() == [1] and bool(o.isnan().all())
+    o, i = cpu.row_logdet_batch(y.to(dtype), scale=0.0, ridge=1e-6)
+    assert i.tolist() == [0] and bool(o.isfinite().all())
+    y[0, 120, 7] = float("nan")
+    o, i = cpu.row_logdet_batch(y.to(dtype), scale=0.0, ridge=1e-6)
+    assert i.tolist() == [2] and bool(o.isnan().all())
+
+
+@needs_native
+def test_row_logdet_list_matches_the_padded_batch():
+    """A ragged list in one call (each item read where it lies) gives the padded batch's bits; length-0 items
+    give 0; items of another dtype, width or layout are refused with their index."""
+    g = torch.Generator().manual_seed(5)
+    lens = [3, 70, 0, 1, 129, 40]
+    d = 90
+    items = [torch.randn(n, d, generator=g).bfloat16() for n in lens]
+    padded = torch.zeros(len(lens), max(lens), d, dtype=torch.bfloat16)
+    for b, t in enumerate(items):
+        padded[b, : t.shape[0]] = t
+    for nt in (1, 2):
+        o1, i1 = cpu.row_logdet_list(items, scale=1.0 / d, ridge=1e-2, num_threads=nt)
+        o2, i2 = cpu.row_logdet_batch(padded, lengths=torch.tensor(lens), scale=1.0 / d, ridge=1e-2, num_threads=nt)
+        assert torch.equal(o1, o2) and torch.equal(i1, i2) and float(o1[2]) == 0.0
+    for b, L in enumerate(lens):
+        if L:
+            v, tol = _logdet_ref(items[b].double().numpy(), 1.0 / d, 1e-2)
+            assert abs(float(o1[b]) - v) <= tol * max(1.0, abs(v))
+    with pytest.raises(ValueError, match=r"items\[1\]: every item must be a CPU tensor of dtype torch.bfloat16"):
+        cpu.row_logdet_list([items[0], items[1].float()])
+    with pytest.raises(ValueError, match=r"items\[1\]: every item must be .* with 90 columns"):
+        cpu.row_logdet_list([items[0], items[1][:, :80].contiguous()])
+    with pytest.raises(ValueError, match=r"items\[0\]: rows must be contiguous"):
+        cpu.row_logdet_list([items[1][:, ::2]])
+    with pytest.raises(ValueError, match=r"items\[0\]: rows must be contiguous"):
+        cpu.row_logdet_list([items[1].t().contiguous().t()])
+    with pytest.raises(TypeError, match=r"items\[0\] must be a 2-D torch.Tensor"):
+        cpu.row_logdet_list([items[1][0]])
+    with pytest.raises(ValueError, match="non-empty list"):
+        cpu.row_logdet_list([])
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_row_logdet_batch_against_numpy(dtype):

@@ -45,10 +45,17 @@ using RowFusedFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* va
 // V[8p + m, f0 + f]; lanes of rows >= rows are zero), row_sum[i] += sum of the row's w values.
 using RowPackFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* pack, double* row_sum);
 
+// Blocked Cholesky of the log-determinant epilogue (rowgram_kernel.inl, chol_neg): w holds -M in the upper
+// triangle of an L x L matrix at row stride ldw (a multiple of 8 with columns [L, ldw) zero), pack has room
+// for kCholBlock x ldw doubles; writes the pivots to piv and returns L, or the first pivot that is not > 0.
+using RowCholFn = int64_t (*)(double* w, int64_t ldw, int64_t L, double* pack, double* piv);
+constexpr int64_t kCholBlockRows = 32;  // = rowgram::kCholBlock
+
 struct RowGramTable {
   RowFusedFn fused;
   RowPackFn pack;
   TilesFn tiles;  // the streaming Gram's upper-triangle tiles (gram_kernel.inl)
+  RowCholFn chol;
   int vl_doubles;
 };
 

@@ -378,3 +378,54 @@ def row_logdet_batch(
         0, 0, 0, 0, 0, nt, 0, _kernel, out.data_ptr(), info.data_ptr(), float(scale), float(ridge),
     )
     return out, info
+
+
+def row_logdet_list(
+    items,
+    *,
+    scale: float = 0.0,
+    ridge: float = 0.0,
+    num_threads: Optional[int] = None,
+    _kernel: int = 0,
+) -> tuple:
+    """:func:`row_logdet_batch` of a ragged list of (n_i, d) items in one call, none copied: the kernel reads
+    each item where it lies (threads take whole items, longest first). Every item must be a CPU tensor of one
+    supported dtype and one d with contiguous rows (the caller converts the others). Returns ``(out, info)``
+    as :func:`row_logdet_batch` does."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"native CPU backend unavailable: {_error}")
+    nt = threads(num_threads)
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError("items must be a non-empty list of 2-D tensors")
+    t0 = items[0]
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            raise TypeError(f"items[{i}] must be a 2-D torch.Tensor, got {type(t).__name__}"
+                            f"{' of shape ' + str(tuple(t.shape)) if isinstance(t, torch.Tensor) else ''}")
+        if t.device.type != "cpu" or t.dtype != t0.dtype or t.shape[1] != t0.shape[1]:
+            raise ValueError(f"items[{i}]: every item must be a CPU tensor of dtype {t0.dtype} with "
+                             f"{t0.shape[1]} columns, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if t.shape[0] > 1 and t.stride() != (t.shape[1], 1) or t.shape[0] <= 1 and t.stride()[1] != 1:
+            raise ValueError(f"items[{i}]: rows must be contiguous (call .contiguous()), got strides {t.stride()}")
+    if t0.dtype not in _DTYPE_CODES:
+        raise TypeError(f"items: native CPU backend does not support dtype {t0.dtype}")
+    if isinstance(_kernel, bool) or _kernel not in (0, 1, 2):
+        raise ValueError(f"_kernel must be 0, 1 or 2, got {_kernel!r}")
+    for what, v in (("scale", scale), ("ridge", ridge)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ValueError(f"{what} must be a finite number, got {v!r}")
+    d = t0.shape[1]
+    if d == 0:
+        raise ValueError("items must have at least one feature (column)")
+    B = len(items)
+    lengths = torch.tensor([t.shape[0] for t in items], dtype=torch.int64)
+    ptrs = torch.tensor([t.data_ptr() if t.shape[0] else 0 for t in items], dtype=torch.int64)
+    out = torch.empty(B, dtype=torch.float64)
+    info = torch.empty(B, dtype=torch.int64)
+    mod.row_gram_batch(
+        0, _DTYPE_CODES[t0.dtype], B, int(lengths.max()), d, 0, d, 1, lengths.data_ptr(), 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, nt, 0, _kernel, out.data_ptr(), info.data_ptr(), float(scale), float(ridge),
+        item_x=ptrs.data_ptr(),
+    )
+    return out, info

@@ -69,6 +69,9 @@ struct RowGramArgs {
   int64_t* logdet_info = nullptr;
   double logdet_scale = 0.0;
   double logdet_ridge = 0.0;
+  // Optional: item b's rows start at item_x[b] (batch entries; x and stride_b are then unused, the row and
+  // column strides are shared). Lets a ragged list of separately allocated items run in one call, uncopied.
+  const void* const* item_x = nullptr;
 };
 
 Status row_gram_batch(const RowGramArgs& args);
