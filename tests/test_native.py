@@ -274,8 +274,11 @@ def test_gram_update_reads_nothing_past_the_rows(tmp_path, cols):
 def test_gram_update_scratch_reuse_across_shapes():
     """The private schedule's G copies and packing buffers are cached between calls (zeroed copies are
     tagged with their layout): calls of other widths in between, whose copies and packing buffers reuse
-    the same blocks, change no bit of a later call, which stays within the float64 bound."""
-    shapes = [(6000, 64), (6000, 72), (4000, 300), (9000, 8), (6000, 64), (3000, 1024), (6000, 72), (6000, 64)]
+    the same blocks, change no bit of a later call, which stays within the float64 bound. The 15.7 MB copies
+    of d = 1400 push the 8 MB ones of d = 1024 out of the 40 MiB cache (oldest first), so the repeated
+    shapes after it run on fresh blocks."""
+    shapes = [(6000, 64), (6000, 72), (4000, 300), (9000, 8), (6000, 64), (3000, 1024), (6000, 72), (6000, 64),
+              (2000, 1400), (3000, 1024), (6000, 64)]
     first = {}
     for rows, cols in shapes:
         x = _data(rows, cols, torch.float32, seed=cols)
