@@ -20,8 +20,10 @@ below where the extension is missing), elsewhere as a batched float64 matmul of 
 Centring is applied to the Gram in float64: over features, ``G − r rᵀ/d`` with the row sums ``r``; over
 tokens, the rows are first shifted by the item's first token (removing large shared components, e.g.
 LLMs' massive activations, exactly) and the Gram is then double-centred. Log-determinants (EigenScore,
-LLM-Check) come from a batched Cholesky factorisation (on CPU, for items of up to 40 rows, a native one
-that centres on the fly, run by the row-Gram kernel's thread right after each item's Gram), spectra (the entropies) from a batched float64
+LLM-Check) of CPU items of up to 512 rows skip the buckets: one call of the row-Gram kernel for all of them
+(a ragged list read item by item where it lies, a padded tensor in place), whose thread factorises each item
+right after its Gram (Cholesky of G − r rᵀ/d + ridge·I, blocked above 64 rows; no Gram tensor, no copy). Longer
+or non-CPU items take the buckets and a batched Cholesky; spectra (the entropies) come from a batched float64
 ``eigvalsh``; padded rows of a bucket get a unit diagonal / a sentinel eigenvalue below the item's spectrum
 and are dropped.
 
