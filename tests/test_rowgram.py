@@ -413,6 +413,17 @@ def test_row_logdet_blocked_cholesky(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("L", [10, 80])
+def test_row_logdet_subnormal_pivots(L):
+    """Pivots below the smallest normal double (rows c·e_i with c = 2^-520: G = c² I = 2^-1040 I exactly) go
+    through the pivots' exponent split exactly, in the column loop (L = 10) and the blocked one (L = 80)."""
+    x = (torch.eye(L, dtype=torch.float64) * 2.0**-520)[None]
+    out, info = cpu.row_logdet_batch(x, scale=0.0, ridge=0.0)
+    assert info.tolist() == [0]
+    assert float(out[0]) == pytest.approx(-1040 * np.log(2.0), rel=1e-15)
+
+
+@needs_native
 def test_row_logdet_list_matches_the_padded_batch():
     """A ragged list in one call (each item read where it lies) gives the padded batch's bits; length-0 items
     give 0; items of another dtype, width or layout are refused with their index."""
