@@ -300,7 +300,7 @@ def _native_logdet(items: _Items, idx: torch.Tensor, ridge: float):
             t = items.items[i]
             if t.dtype != items.dtype:
                 t = t.to(items.dtype)
-            if t.shape[0] > 1 and t.stride() != (d, 1) or t.stride()[1] != 1:
+            if not cpu.rows_contiguous(t):
                 t = t.contiguous()
             ts.append(t)
         val, info = cpu.row_logdet_list(ts, scale=1.0 / d, ridge=ridge)

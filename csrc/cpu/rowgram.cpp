@@ -128,11 +128,24 @@ inline double split_exp(double v, int64_t* e) {
   return m;
 }
 
+// (1/L) sum ln piv[i] of L > 0 positive finite pivots: their product kept as a mantissa in [0.5, 1) and a binary
+// exponent (each pivot split the same way first, so nothing under- or overflows; one rounding per pivot), so
+// there is one log per item.
+double mean_log(const double* piv, int64_t L) {
+  double mant = 1.0;
+  int64_t ex = 0;
+  for (int64_t i = 0; i < L; ++i) {
+    int64_t es = 0, e = 0;
+    const double ms = split_exp(piv[i], &es);
+    mant = split_exp(mant * ms, &e);  // mant * ms in [0.25, 1)
+    ex += es + e;
+  }
+  return (std::log(mant) + static_cast<double>(ex) * 0.69314718055994530942) / static_cast<double>(L);
+}
+
 // ln det(M) / L of M = G - scale r r^T + ridge I (G: L x L at stride ldg, upper triangle read; r null: no term)
 // by a Cholesky factorisation in the scratch m (odd_line_stride(L) x padded L); info 0, or 2 (a non-finite
-// G_ii or r_i) / 1 (not positive definite) with NaN. The pivots' product is kept as a mantissa in [0.5, 1)
-// and a binary exponent (each pivot split the same way first, so nothing under- or overflows; one rounding per
-// pivot), so there is one log per item.
+// G_ii or r_i) / 1 (not positive definite) with NaN; the pivots go through piv (L entries) to mean_log.
 void logdet_item(const double* g, int64_t ldg, const double* r, int64_t L, double scale, double ridge, double* m,
                  double* cpack, double* piv, const RowGramTable& k, double* out, int64_t* info) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -159,22 +172,12 @@ void logdet_item(const double* g, int64_t ldg, const double* r, int64_t L, doubl
       wi[i] -= ridge;
       for (int64_t j = L; j < padded_size(L); ++j) wi[j] = 0.0;
     }
-    const int64_t done = k.chol(m, lp, L, cpack, piv);
-    double mant = 1.0;
-    int64_t ex = 0;
-    for (int64_t i = 0; i < L; ++i) {
-      const double s = piv[i];
-      if (i == done) {
-        *out = nan;
-        *info = 1;
-        return;
-      }
-      int64_t es = 0, e = 0;
-      const double ms = split_exp(s, &es);
-      mant = split_exp(mant * ms, &e);
-      ex += es + e;
+    if (k.chol(m, lp, L, cpack, piv) < L) {
+      *out = nan;
+      *info = 1;
+      return;
     }
-    *out = (std::log(mant) + static_cast<double>(ex) * 0.69314718055994530942) / static_cast<double>(L);
+    *out = mean_log(piv, L);
     *info = 0;
     return;
   }
@@ -190,8 +193,6 @@ void logdet_item(const double* g, int64_t ldg, const double* r, int64_t L, doubl
     }
     m[i * L + i] += ridge;
   }
-  double mant = 1.0;
-  int64_t ex = 0;
   for (int64_t j = 0; j < L; ++j) {
     double* uj = m + j * L;
     const double s = uj[j];
@@ -200,6 +201,7 @@ void logdet_item(const double* g, int64_t ldg, const double* r, int64_t L, doubl
       *info = 1;
       return;
     }
+    piv[j] = s;
     const double u = std::sqrt(s), inv = 1.0 / u;
     uj[j] = u;
     for (int64_t k = j + 1; k < L; ++k) uj[k] *= inv;
@@ -208,12 +210,8 @@ void logdet_item(const double* g, int64_t ldg, const double* r, int64_t L, doubl
       double* ui = m + i * L;
       for (int64_t k = i; k < L; ++k) ui[k] -= c * uj[k];
     }
-    int64_t es = 0, e = 0;
-    const double ms = split_exp(s, &es);
-    mant = split_exp(mant * ms, &e);  // mant * ms in [0.25, 1)
-    ex += es + e;
   }
-  *out = L > 0 ? (std::log(mant) + static_cast<double>(ex) * 0.69314718055994530942) / static_cast<double>(L) : 0.0;
+  *out = L > 0 ? mean_log(piv, L) : 0.0;
   *info = 0;
 }
 
@@ -293,9 +291,9 @@ Status row_gram_batch(const RowGramArgs& a) {
         if (need_csh) ok = ok && sc.csh.alloc(size_t(a.dim));
         if (a.row_sum || logdet) ok = ok && sc.rs.alloc(size_t(max_len));
         if (logdet) ok = ok && sc.chol.alloc(size_t(odd_line_stride(max_len)) * size_t(padded_size(max_len)));
+        if (logdet) ok = ok && sc.piv.alloc(size_t(max_len));
         if (logdet && max_len > kCholMinRows)
-          ok = ok && sc.cpack.alloc(size_t(kCholBlockRows) * size_t(padded_size(max_len))) &&
-               sc.piv.alloc(size_t(max_len));
+          ok = ok && sc.cpack.alloc(size_t(kCholBlockRows) * size_t(padded_size(max_len)));
         if (logdet && !a.gram && max_dot) ok = ok && sc.lg.alloc(size_t(max_dot) * size_t(max_dot));
         if (!ok) oom = true;
       }

@@ -778,21 +778,16 @@ int64_t chol_neg(double* w, int64_t ldw, int64_t L, double* pack, double* piv) {
         for (int64_t t2 = t + 1; t2 < e; ++t2) axpy_neg(w + t2 * ldw + c, wt + c, wt[t2], n);
       }
     }
-    // X = rows [k0, e), columns [e, L) of U, packed as the Gram's panels (8 columns, zero past L)
-    const int64_t kc = e - k0, nc = L - e, np = (nc + kPanel - 1) / kPanel;
-    for (int64_t p = 0; p < np; ++p) {
-      double* dst = pack + p * kc * kPanel;
-      const int64_t c0 = e + p * kPanel, n = std::min<int64_t>(kPanel, L - c0);
-      for (int64_t r = 0; r < kc; ++r) {
-        const double* src = w + (k0 + r) * ldw + c0;
-        double* d = dst + r * kPanel;
-        if (n == kPanel) {
-          std::memcpy(d, src, kPanel * sizeof(double));
-        } else {
-          for (int64_t m = 0; m < kPanel; ++m) d[m] = m < n ? src[m] : 0.0;
-        }
-      }
-    }
+    // X = rows [k0, e), columns [e, L) of U, packed by the streaming Gram's own packing (zero past L)
+    const int64_t kc = e - k0, np = (L - e + kPanel - 1) / kPanel;
+    GramArgs xa;
+    xa.x = w + e;
+    xa.dtype = DType::kFloat64;
+    xa.rows = L;
+    xa.cols = L - e;
+    xa.stride_r = ldw;
+    xa.stride_c = 1;
+    RANKME_ISA_NS::pack(xa, k0, kc, 0, np, pack, nullptr);
     tiles(pack, kc, np, 0, np, w + e * ldw + e, ldw);
   }
   return L;

@@ -336,6 +336,19 @@ def row_gram_batch(
     )
 
 
+def _check_logdet_options(scale, ridge, _kernel):
+    if isinstance(_kernel, bool) or _kernel not in (0, 1, 2):
+        raise ValueError(f"_kernel must be 0, 1 or 2, got {_kernel!r}")
+    for what, v in (("scale", scale), ("ridge", ridge)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ValueError(f"{what} must be a finite number, got {v!r}")
+
+
+def rows_contiguous(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor's rows lie one after another (what :func:`row_logdet_list` reads)."""
+    return t.stride()[1] == 1 and (t.shape[0] <= 1 or t.stride()[0] == t.shape[1])
+
+
 def row_logdet_batch(
     x: torch.Tensor,
     *,
@@ -361,11 +374,7 @@ def row_logdet_batch(
         _kernel: test hook as in :func:`row_gram_batch` (0 automatic, 1 dot, 2 panel kernel).
     """
     mod, nt, (B, n, d), lengths, len_ptr = _rowgram_inputs(x, lengths, num_threads)
-    if isinstance(_kernel, bool) or _kernel not in (0, 1, 2):
-        raise ValueError(f"_kernel must be 0, 1 or 2, got {_kernel!r}")
-    for what, v in (("scale", scale), ("ridge", ridge)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-            raise ValueError(f"{what} must be a finite number, got {v!r}")
+    _check_logdet_options(scale, ridge, _kernel)
     if d == 0:
         raise ValueError(f"x must have at least one feature (column), got shape {tuple(x.shape)}")
     out = torch.empty(B, dtype=torch.float64)
@@ -406,15 +415,11 @@ def row_logdet_list(
         if t.device.type != "cpu" or t.dtype != t0.dtype or t.shape[1] != t0.shape[1]:
             raise ValueError(f"items[{i}]: every item must be a CPU tensor of dtype {t0.dtype} with "
                              f"{t0.shape[1]} columns, got {t.dtype} {tuple(t.shape)} on {t.device}")
-        if t.shape[0] > 1 and t.stride() != (t.shape[1], 1) or t.shape[0] <= 1 and t.stride()[1] != 1:
+        if not rows_contiguous(t):
             raise ValueError(f"items[{i}]: rows must be contiguous (call .contiguous()), got strides {t.stride()}")
     if t0.dtype not in _DTYPE_CODES:
         raise TypeError(f"items: native CPU backend does not support dtype {t0.dtype}")
-    if isinstance(_kernel, bool) or _kernel not in (0, 1, 2):
-        raise ValueError(f"_kernel must be 0, 1 or 2, got {_kernel!r}")
-    for what, v in (("scale", scale), ("ridge", ridge)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-            raise ValueError(f"{what} must be a finite number, got {v!r}")
+    _check_logdet_options(scale, ridge, _kernel)
     d = t0.shape[1]
     if d == 0:
         raise ValueError("items must have at least one feature (column)")
