@@ -400,6 +400,21 @@ def test_row_logdet_blocked_cholesky(dtype):
                     assert abs(float(out[b]) - v) <= tol * max(1.0, abs(v)), (kernel, nt, b, float(out[b]), v, tol)
                 outs[kernel, nt] = out
             assert torch.equal(outs[kernel, 1], outs[kernel, 2])
+    # collapsed and odd shapes on the blocked path: rank 1, rows decaying over 12 orders, d = 1 (every centred
+    # row is zero: ln ridge), each against NumPy with its conditioning tolerance
+    odd = {
+        "rank1": torch.randn(100, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 50, generator=g, dtype=torch.float64),
+        "decay": torch.randn(130, 200, generator=g, dtype=torch.float64) * torch.logspace(0, -12, 130)[:, None],
+        "d=1": torch.randn(90, 1, generator=g, dtype=torch.float64),
+    }
+    for name, v in odd.items():
+        v = v.to(dtype)
+        dd = v.shape[1]
+        out, info = cpu.row_logdet_batch(v[None], scale=1.0 / dd, ridge=1e-3)
+        ref, tol = _logdet_ref(v.double().numpy(), 1.0 / dd, 1e-3)
+        assert info.tolist() == [0] and abs(float(out[0]) - ref) <= tol * max(1.0, abs(ref)), (name, float(out[0]), ref)
+    o1, _ = cpu.row_logdet_batch(odd["d=1"].to(dtype)[None], scale=1.0, ridge=1e-3)
+    assert float(o1[0]) == pytest.approx(np.log(1e-3), rel=1e-12)
     # a row equal to an earlier one at row 80 (the third block): with a small negative ridge that pivot is < 0
     y = torch.randn(1, 150, 200, generator=g, dtype=torch.float64)
     y[0, 80] = y[0, 10]
