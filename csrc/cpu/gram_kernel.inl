@@ -86,6 +86,8 @@ static inline void micro43(const double* __restrict ip, const double* __restrict
 // here): 90 / 86 / 79 / 78 %. The accumulation order is fixed by kc alone (k-blocks of the chunk in order),
 // so the bits do not depend on the threads' j split.
 constexpr int64_t kAvx2KBlock = 128;
+// Lines of the next i-slice prefetched per j-triple (a k-block's slice is kAvx2KBlock lines, so 8 triples cover it).
+constexpr int kIPrefetchLines = 16;
 // j-block bytes: 3/4 of L2 for the AVX2 sweep (see above), 1 MiB for the 8-row tiles.
 static int64_t jblock_bytes() {
 #if RANKME_VL == 4
@@ -114,9 +116,24 @@ static int64_t jblock_bytes() {
       for (int64_t k0 = 0; k0 < kc; k0 += kAvx2KBlock) {
         const int64_t kk = std::min(kAvx2KBlock, kc - k0);
         const double* ik = pack + ipn * pstride + k0 * kPanel;
+        // The i-slice the next k-block broadcasts from (this panel's next slice, else the next panel's first),
+        // kIPrefetchLines lines per j-triple: from d ~ 1024 the packed chunk is larger than L2, so that slice
+        // comes from L3 or DRAM and its first broadcasts stalled the tiles (sweep alone at d = 1024 / 2048:
+        // +1-5 %, whole gram_update +3 % on one thread; see RESULTS.md, issue 17).
+        const double* inext = nullptr;
+        int64_t nnext = 0;
+        if (k0 + kAvx2KBlock < kc) {
+          inext = ik + kAvx2KBlock * kPanel;
+          nnext = std::min(kAvx2KBlock, kc - k0 - kAvx2KBlock);
+        } else if (ipn + 1 < b1) {
+          inext = pack + (ipn + 1) * pstride;
+          nnext = std::min(kAvx2KBlock, kc);
+        }
+        int64_t ipf = 0;
         int64_t j = js;
         for (; j + 3 <= b1; j += 3) {  // 3 panels = 6 vectors = two 4 x 3-vector tiles, for each 4-row half
           const double* jb3 = pack + j * pstride + k0 * kPanel;
+          for (int q = 0; q < kIPrefetchLines && ipf < nnext; ++q, ++ipf) __builtin_prefetch(inext + ipf * kPanel);
           for (int64_t m0 = 0; m0 < kPanel; m0 += 4) {
             double* cj = g + (ipn * kPanel + m0) * ldg + j * kPanel;
             micro43(ik + m0, jb3, jb3 + VL, jb3 + pstride, kk, cj, cj + VL, cj + kPanel, ldg);
@@ -149,10 +166,21 @@ void tiles(const double* pack, int64_t kc, int64_t np, int64_t jp0, int64_t jp1,
       const int64_t js = std::max(b0, ipn);  // upper triangle: j-panel >= i-panel
       if (js >= b1) continue;
       const double* ipan = pack + ipn * pstride;
+      // The next i-panel into L2, spread over this panel's micro-tiles: from d ~ 2048 the packed chunk is larger
+      // than L2 and each i-panel came from L3 or DRAM on demand (sweep alone at d = 2048 +2-3 %, d = 1024
+      // neutral; RESULTS.md, issue 17).
+      const double* inext = ipn + 1 < b1 ? ipan + pstride : nullptr;
+      const int64_t ncalls = std::max<int64_t>(1, (b1 - js) / NJ * (kPanel / MR));
+      const int64_t per_call = (kc + ncalls - 1) / ncalls;
+      int64_t ipf = 0;
       for (int64_t m0 = 0; m0 < kPanel; m0 += MR) {
         double* crow = g + (ipn * kPanel + m0) * ldg;
         int64_t j = js;
-        for (; j + NJ <= b1; j += NJ) micro<NJ>(ipan + m0, pack + j * pstride, pstride, kc, crow + j * kPanel, ldg);
+        for (; j + NJ <= b1; j += NJ) {
+          if (inext)
+            for (int64_t q = 0; q < per_call && ipf < kc; ++q, ++ipf) __builtin_prefetch(inext + ipf * kPanel, 0, 2);
+          micro<NJ>(ipan + m0, pack + j * pstride, pstride, kc, crow + j * kPanel, ldg);
+        }
         if (NJ >= 3 && VL == 8 && j + 2 <= b1) {  // (AVX2: a 4 x 2-panel tile would spill)
           micro<2>(ipan + m0, pack + j * pstride, pstride, kc, crow + j * kPanel, ldg);
           j += 2;
