@@ -117,7 +117,7 @@ static int64_t jblock_bytes() {
         const int64_t kk = std::min(kAvx2KBlock, kc - k0);
         const double* ik = pack + ipn * pstride + k0 * kPanel;
         // The i-slice the next k-block broadcasts from (this panel's next slice, else the next panel's first),
-        // kIPrefetchLines lines per j-triple: from d ~ 1024 the packed chunk is larger than L2, so that slice
+        // kIPrefetchLines lines per j-triple: once the packed chunk (512 x d doubles) outgrows L2 that slice
         // comes from L3 or DRAM and its first broadcasts stalled the tiles (sweep alone at d = 1024 / 2048:
         // +1-5 %, whole gram_update +3 % on one thread; see RESULTS.md, issue 17).
         const double* inext = nullptr;
@@ -166,9 +166,9 @@ void tiles(const double* pack, int64_t kc, int64_t np, int64_t jp0, int64_t jp1,
       const int64_t js = std::max(b0, ipn);  // upper triangle: j-panel >= i-panel
       if (js >= b1) continue;
       const double* ipan = pack + ipn * pstride;
-      // The next i-panel into L2, spread over this panel's micro-tiles: from d ~ 2048 the packed chunk is larger
-      // than L2 and each i-panel came from L3 or DRAM on demand (sweep alone at d = 2048 +2-3 %, d = 1024
-      // neutral; RESULTS.md, issue 17).
+      // The next i-panel into L2, spread over this panel's micro-tiles: once the packed chunk outgrows L2 each
+      // i-panel came from L3 or DRAM on demand (sweep alone at d = 2048 +2-3 %, d = 1024 neutral; RESULTS.md,
+      // issue 17).
       const double* inext = ipn + 1 < b1 ? ipan + pstride : nullptr;
       const int64_t ncalls = std::max<int64_t>(1, (b1 - js) / NJ * (kPanel / MR));
       const int64_t per_call = (kc + ncalls - 1) / ncalls;
