@@ -160,7 +160,7 @@ void logdet_item(const double* g, int64_t ldg, const double* r, int64_t L, doubl
     return;
   }
   if (L > kCholMinRows) {
-    // -M in the upper triangle at a stride of Lp (columns [L, Lp) zero), then the blocked factorisation
+    // -M in the upper triangle at a stride of lp (columns [L, padded L) zero), then the blocked factorisation
     const int64_t lp = odd_line_stride(L);
     for (int64_t i = 0; i < L; ++i) {
       double* wi = m + i * lp;
@@ -397,13 +397,14 @@ Status row_gram_batch(const RowGramArgs& a) {
           if (!a.gram) {  // logdet only: factorised straight from the upper triangle here
             gb = g;
             ldg = ldl;
-          } else
-          for (int64_t i = 0; i < L; ++i) {
-            gb[i * ldg + i] += g[i * ldl + i];
-            for (int64_t j = i + 1; j < L; ++j) {
-              const double s = g[i * ldl + j];
-              gb[i * ldg + j] += s;
-              gb[j * ldg + i] += s;
+          } else {
+            for (int64_t i = 0; i < L; ++i) {
+              gb[i * ldg + i] += g[i * ldl + i];
+              for (int64_t j = i + 1; j < L; ++j) {
+                const double s = g[i * ldl + j];
+                gb[i * ldg + j] += s;
+                gb[j * ldg + i] += s;
+              }
             }
           }
         }

@@ -46,10 +46,10 @@ using RowFusedFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* va
 using RowPackFn = void (*)(const RowItem& it, int64_t f0, int64_t w, double* pack, double* row_sum);
 
 // Blocked Cholesky of the log-determinant epilogue (rowgram_kernel.inl, chol_neg): w holds -M in the upper
-// triangle of an L x L matrix at row stride ldw (a multiple of 8 with columns [L, ldw) zero), pack has room
-// for kCholBlock x ldw doubles; writes the pivots to piv and returns L, or the first pivot that is not > 0.
+// triangle of an L x L matrix at row stride ldw (a multiple of 8; columns [L, round_up(L, 8)) zero), pack has room
+// for kCholBlockRows x ldw doubles; writes the pivots to piv and returns L, or the first pivot that is not > 0.
 using RowCholFn = int64_t (*)(double* w, int64_t ldw, int64_t L, double* pack, double* piv);
-constexpr int64_t kCholBlockRows = 32;  // = rowgram::kCholBlock
+constexpr int64_t kCholBlockRows = 32;  // rows per block of chol_neg (the caller sizes pack by it)
 
 struct RowGramTable {
   RowFusedFn fused;

@@ -724,7 +724,7 @@ void pack(const RowItem& it, int64_t f0, int64_t w, double* pk, double* row_sum)
 
 // ---- the log-determinant epilogue's blocked Cholesky (items of more than kCholMinRows rows) ------------
 //
-// M = U^T U (U upper) right-looking, kCholBlock rows at a time, on a row-major buffer (row stride ldw a
+// M = U^T U (U upper) right-looking, kCholBlockRows rows at a time, on a row-major buffer (row stride ldw a
 // multiple of 8) whose upper triangle holds -M on entry (zeros in columns [L, round_up(L, 8))). For a block of
 // rows [k0, e): the rows are turned back into M and factorised row by row — pivot, the row divided by its
 // root, the block's later rows less that row times their entry (vector AXPYs) — first on the diagonal block,
@@ -736,7 +736,6 @@ void pack(const RowItem& it, int64_t f0, int64_t w, double* pk, double* row_sum)
 // Measured on Zen 4 (one thread, AVX-512, whole factorisation at L = 128 / 256 / 512 against torch's
 // batched Cholesky, MKL per matrix: 0.05 / 0.2 / 1.3 ms vs 0.11 / 0.46 / 4.4 ms); blocks of 32 rows beat 64,
 // 96 and 128 (more of the work in the tiles' GEMM, less in the AXPYs).
-constexpr int64_t kCholBlock = kCholBlockRows;
 constexpr int64_t kCholSolveCols = 64;
 RANKME_RG_INLINE void axpy_neg(double* __restrict y, const double* __restrict x, double c, int64_t n) {
   int64_t j = 0;
@@ -750,8 +749,8 @@ RANKME_RG_INLINE void axpy_neg(double* __restrict y, const double* __restrict x,
 }
 
 int64_t chol_neg(double* w, int64_t ldw, int64_t L, double* pack, double* piv) {
-  for (int64_t k0 = 0; k0 < L; k0 += kCholBlock) {
-    const int64_t e = std::min(L, k0 + kCholBlock);
+  for (int64_t k0 = 0; k0 < L; k0 += kCholBlockRows) {
+    const int64_t e = std::min(L, k0 + kCholBlockRows);
     for (int64_t i = k0; i < e; ++i) {
       double* wi = w + i * ldw;
       for (int64_t j = i; j < L; ++j) wi[j] = -wi[j];
