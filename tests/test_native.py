@@ -199,6 +199,29 @@ def test_gram_update_shared_schedule_transposed_large_d():
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_gram_update_shared_schedule_matches_one_thread_bits(threads):
+    """The shared schedule runs a chunk's packs and tile pieces as tasks that wait only for what they read
+    (chunk c's packs after chunk c - 1's, a tile piece after the same piece of chunk c - 1, a pack after the
+    tiles of chunk c - 2 that shared its buffer), so threads move on to the next chunk without a barrier. Each
+    element of G still gets the chunks in order and the same tile sums as on one thread: the bits of G and of
+    the column sums equal the one-thread run (7 threads on this machine's cores: some are descheduled mid-task)."""
+    rows, cols, chunk_rows = 3000, 1500, 64
+    assert (threads - 1) * cpu.padded(cols) ** 2 * 8 > 16 << 20  # the shared schedule
+    x = _data(rows, cols, torch.float32, seed=11)
+    gram0, cs0 = _initial_state(cols)
+    ref_g, ref_cs = gram0.clone(), cs0.clone()
+    cpu.gram_update(x, ref_g, col_sum=ref_cs, num_threads=1, chunk_rows=chunk_rows)
+    for _ in range(2):
+        g, cs = gram0.clone(), cs0.clone()
+        cpu.gram_update(x, g, col_sum=cs, num_threads=threads, chunk_rows=chunk_rows)
+        assert torch.equal(torch.triu(g[:cols, :cols]), torch.triu(ref_g[:cols, :cols]))
+        assert torch.equal(cs, ref_cs)
+    exact, bound, _, _ = _oracle(x, gram0, cs0, None, None)
+    upper = torch.triu(torch.ones(cols, cols, dtype=torch.bool))
+    assert bool(((ref_g[:cols, :cols] - exact).abs()[upper] <= bound[upper]).all())
+
+
 @needs_native
 @pytest.mark.parametrize("rows, cols, chunk_rows", [(20000, 64, 512), (3000, 300, 17), (2100, 1500, 64),
                                                      (1100, 2048, 64)], ids=lambda v: str(v))
