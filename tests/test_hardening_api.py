@@ -81,7 +81,7 @@ import rankme_fast.backends.cpu as cpu
 from rankme_fast.gram import GramAccumulator
 assert cpu.load() is not None
 g = torch.Generator().manual_seed(1)
-# 65536 rows x 16: the private schedule (a d×d copy per thread); 20000 x 16: the shared one (a barrier)
+# 65536 rows x 16: the private schedule (a d×d copy per thread); 20000 x 16 (fewer chunks than threads): the shared one
 xs = {"private": torch.randn(65536, 16, generator=g, dtype=torch.float64),
       "shared": torch.randn(20000, 16, generator=g, dtype=torch.float64)}
 w = torch.randn(16, 3, generator=g, dtype=torch.float64)
