@@ -205,7 +205,7 @@ def test_gram_update_shared_schedule_matches_one_thread_bits(threads):
     (chunk c's packs after chunk c - 1's, a tile piece after the same piece of chunk c - 1, a pack after the
     tiles of chunk c - 2 that shared its buffer), so threads move on to the next chunk without a barrier. Each
     element of G still gets the chunks in order and the same tile sums as on one thread: the bits of G and of
-    the column sums equal the one-thread run (7 threads on this machine's cores: some are descheduled mid-task)."""
+    the column sums equal the one-thread run (7 threads on fewer cores, as in CI: some are descheduled mid-task)."""
     rows, cols, chunk_rows = 3000, 1500, 64
     assert (threads - 1) * cpu.padded(cols) ** 2 * 8 > 16 << 20  # the shared schedule
     x = _data(rows, cols, torch.float32, seed=11)

@@ -16,8 +16,8 @@
 //    waiting at a barrier for the other threads' last pieces.
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <string>
@@ -376,15 +376,18 @@ Status gram_update(const GramArgs& a) {
 
   // Shared schedule. Pieces: panels to pack and triangle pieces of G to update, several per thread so a
   // thread with less of a core takes fewer. Task t of the counter is piece t % (2 p) of chunk t / (2 p): its
-  // p packs, then its p tile pieces. A pack of chunk c waits for chunk c - 1's packs (the column sums add in
-  // chunk order) and for chunk c - 2's tiles (they read the buffer it fills); a tile piece waits for its
-  // chunk's packs and for the same piece of chunk c - 1 (G in chunk order). Every task waits only for earlier
-  // ones, all already taken, so the earliest unfinished one always runs. (With a barrier after each chunk's
-  // tiles instead, the thread that drew the shorter last pieces idled: on Zen 4 at d = 2048, 2 threads,
-  // 1-9 % of a call.)
-  CachedBuf packbuf_c(2 * size_t(kc) * cols_p);
+  // p packs, then its p tile pieces.
+  //  * A pack of chunk c waits for chunk c - 1's packs (the column sums add in chunk order, and packs_done
+  //    counts whole chunks: >= (c + 1) p means chunk c is packed) and for chunk c - 2's tiles (they read the
+  //    buffer it fills).
+  //  * A tile piece waits for its chunk's packs and for the same piece of chunk c - 1 (G in chunk order).
+  // Every task waits only for earlier ones, all already taken, so the earliest unfinished one always runs.
+  // (With a barrier after each chunk's tiles instead, the thread that drew the shorter last pieces idled:
+  // on Zen 4 at d = 2048, 2 threads, 1-9 % of a call.)
+  const size_t pack_elems = size_t(kc) * cols_p;
+  CachedBuf packbuf_c((nchunks > 1 ? 2 : 1) * pack_elems);  // one chunk: one buffer
   if (!packbuf_c.b.p) return kOutOfMemory;
-  double* const packs[2] = {packbuf_c.b.p, packbuf_c.b.p + size_t(kc) * cols_p};
+  double* const packs[2] = {packbuf_c.b.p, nchunks > 1 ? packbuf_c.b.p + pack_elems : packbuf_c.b.p};
   std::vector<int64_t> jsplit, psplit;
   int64_t pieces = 0;
   std::atomic<int64_t> next_task{0}, packs_done{0};
