@@ -198,17 +198,34 @@ def test_gram_update_shared_schedule_transposed_large_d():
     _check_update(x, num_threads=2, chunk_rows=5, what="shared, transposed view")
 
 
+def _shared_case(kind, threads):
+    """(x, chunk_rows) that gram_update runs on the shared schedule at `threads` threads."""
+    g = torch.Generator().manual_seed(11)
+    if kind == "randn":  # padded(1500)² · 8 B > 16 MiB: too big for a copy per thread
+        return _data(3000, 1500, torch.float32, seed=11), 64
+    if kind == "rank1":  # a collapsed spectrum: every row a multiple of one direction
+        u = torch.randn(3000, 1, generator=g, dtype=torch.float64)
+        v = torch.randn(1, 1500, generator=g, dtype=torch.float64)
+        return (u @ v).to(torch.float32), 64
+    if kind == "n_lt_d":  # N < d
+        return _data(700, 1500, torch.float32, seed=12), 64
+    # d = 1, one-row chunks, fewer chunks than threads: the shared schedule with a single panel
+    return torch.randn(threads - 1, 1, generator=g, dtype=torch.float64).to(torch.float32), 1
+
+
 @needs_native
+@pytest.mark.parametrize("kind", ["randn", "rank1", "n_lt_d", "d1"])
 @pytest.mark.parametrize("threads", [2, 3, 7])
-def test_gram_update_shared_schedule_matches_one_thread_bits(threads):
+def test_gram_update_shared_schedule_matches_one_thread_bits(kind, threads):
     """The shared schedule runs a chunk's packs and tile pieces as tasks that wait only for what they read
     (chunk c's packs after chunk c - 1's, a tile piece after the same piece of chunk c - 1, a pack after the
     tiles of chunk c - 2 that shared its buffer), so threads move on to the next chunk without a barrier. Each
     element of G still gets the chunks in order and the same tile sums as on one thread: the bits of G and of
     the column sums equal the one-thread run (7 threads on fewer cores, as in CI: some are descheduled mid-task)."""
-    rows, cols, chunk_rows = 3000, 1500, 64
-    assert (threads - 1) * cpu.padded(cols) ** 2 * 8 > 16 << 20  # the shared schedule
-    x = _data(rows, cols, torch.float32, seed=11)
+    x, chunk_rows = _shared_case(kind, threads)
+    rows, cols = x.shape
+    nchunks = -(-rows // chunk_rows)
+    assert (threads - 1) * cpu.padded(cols) ** 2 * 8 > 16 << 20 or nchunks < threads  # the shared schedule
     gram0, cs0 = _initial_state(cols)
     ref_g, ref_cs = gram0.clone(), cs0.clone()
     cpu.gram_update(x, ref_g, col_sum=ref_cs, num_threads=1, chunk_rows=chunk_rows)
@@ -217,9 +234,10 @@ def test_gram_update_shared_schedule_matches_one_thread_bits(threads):
         cpu.gram_update(x, g, col_sum=cs, num_threads=threads, chunk_rows=chunk_rows)
         assert torch.equal(torch.triu(g[:cols, :cols]), torch.triu(ref_g[:cols, :cols]))
         assert torch.equal(cs, ref_cs)
-    exact, bound, _, _ = _oracle(x, gram0, cs0, None, None)
+    exact, bound, cs_exact, cs_bound = _oracle(x, gram0, cs0, None, None)
     upper = torch.triu(torch.ones(cols, cols, dtype=torch.bool))
     assert bool(((ref_g[:cols, :cols] - exact).abs()[upper] <= bound[upper]).all())
+    assert bool(((ref_cs - cs_exact).abs() <= cs_bound).all())
 
 
 @needs_native
