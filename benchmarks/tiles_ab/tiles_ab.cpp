@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
-#include <algorithm>
+#include "../ab_rounds.h"
 #include "rankme/gram.h"
 #include "gram_internal.h"
 namespace rankme { namespace v0 { extern const KernelTable table; } namespace v1 { extern const KernelTable table; }
@@ -14,27 +14,21 @@ using namespace rankme;
 int main(int argc, char** argv) {
   int64_t d = atoi(argv[1]); int reps = atoi(argv[2]); int rounds = atoi(argv[3]); int nv = atoi(argv[4]); int64_t kc = 512;
   int64_t np = (d + 7) / 8, cp = np * 8;
-  float* x = (float*)aligned_alloc(64, kc * d * 4); for (int64_t i = 0; i < kc * d; ++i) x[i] = float((i * 2654435761u) % 1000) * 1e-3f;
+  float* x = (float*)aligned_alloc(64, kc * d * 4); ab::fill(x, kc * d);
   double* pk = (double*)aligned_alloc(64, (kc + 2) * cp * 8); double* g = (double*)aligned_alloc(64, cp * cp * 8); memset(g, 0, cp * cp * 8);
   GramArgs a; memset(&a, 0, sizeof a); a.x = x; a.dtype = DType::kFloat32; a.rows = kc; a.cols = d; a.stride_r = d; a.stride_c = 1; a.gram = g; a.ldg = cp;
   const KernelTable* T[5] = {&v0::table, &v1::table, &v2::table, &v3::table, &avx512::table};
   const char* nm[5] = {"v0", "v1", "v2", "v3", "z512"};
   std::vector<int> ks; for (int k = 0; k < nv; ++k) ks.push_back(k); ks.push_back(4);
-  std::vector<std::vector<double>> res(5);
-  for (int r = 0; r < rounds; ++r) {
-    if (r % 2) std::reverse(ks.begin(), ks.end());
-    for (int k : ks) {
-      T[k]->pack(a, 0, kc, 0, np, pk, nullptr);
-      auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < reps; ++i) T[k]->tiles(pk, kc, np, 0, np, g, cp);
-      double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      res[k].push_back(double(reps) * kc * d * (d + 8) / 2 / t / 29.2e9 * 100);
-    }
-    if (r % 2) std::reverse(ks.begin(), ks.end());
-  }
+  auto res = ab::alternate(ks, rounds, 5, [&](int k) {
+    T[k]->pack(a, 0, kc, 0, np, pk, nullptr);
+    auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) T[k]->tiles(pk, kc, np, 0, np, g, cp);
+    double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return double(reps) * kc * d * (d + 8) / 2 / t / 29.2e9 * 100;
+  });
   for (int k : ks) {
-    std::vector<double> v = res[k], q; std::sort(v.begin(), v.end());
-    for (size_t i = 0; i < res[k].size(); ++i) q.push_back(res[k][i] / res[0][i]); std::sort(q.begin(), q.end());
-    printf("d=%ld %-5s median %.1f%% max %.1f%%  ratio/v0 median %.3f\n", (long)d, nm[k], v[v.size() / 2], v.back(), q[q.size() / 2]);
+    const ab::Summary s = ab::summarize(res[k], res[0]);
+    printf("d=%ld %-5s median %.1f%% max %.1f%%  ratio/v0 median %.3f\n", (long)d, nm[k], s.median, s.max, s.ratio_median);
   }
 }
